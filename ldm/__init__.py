@@ -1,0 +1,3 @@
+"""ldm: a from-scratch latent diffusion research framework."""
+
+__version__ = "0.1.0"
