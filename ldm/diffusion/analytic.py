@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ldm.diffusion.objective import vp_coefficients, check_prediction, convert
+from ldm.diffusion.objective import check_prediction, convert, vp_coefficients
 from ldm.diffusion.samplers import Denoiser
 from ldm.diffusion.schedules import Schedule
 

@@ -16,6 +16,7 @@ limits there (Euler's first step from ``sigma = inf`` is ``x = a' D + s' x_T``).
 from __future__ import annotations
 
 import inspect
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -109,9 +110,7 @@ def threshold_x0(
     return x0
 
 
-def _denoise(
-    model: Denoiser, x: Tensor, point: _Point, prediction: str
-) -> tuple[Tensor, Tensor]:
+def _denoise(model: Denoiser, x: Tensor, point: _Point, prediction: str) -> tuple[Tensor, Tensor]:
     """Call the network at one point and return ``(x0, eps)`` estimates."""
     t_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     t = torch.full((x.shape[0],), point.t, dtype=t_dtype, device=x.device)
@@ -160,7 +159,7 @@ def sample_ddpm(
         raise ValueError(f"unknown DDPM variance {variance!r}; choose one of {DDPM_VARIANCES}")
     points = _points(schedule, steps, spacing, **spacing_opts)
     x = x_T
-    for i, (here, there) in enumerate(zip(points[:-1], points[1:], strict=True)):
+    for i, (here, there) in enumerate(itertools.pairwise(points)):
         x0, _ = _denoise(model, x, here, prediction)
         x0 = threshold_x0(x0, clip_x0, dynamic_threshold)
         ab, ab_next = here.alpha_bar, there.alpha_bar
@@ -197,7 +196,7 @@ def sample_ddim(
         raise ValueError(f"DDIM eta must be in [0, 1], got {eta}")
     points = _points(schedule, steps, spacing, **spacing_opts)
     x = x_T
-    for i, (here, there) in enumerate(zip(points[:-1], points[1:], strict=True)):
+    for i, (here, there) in enumerate(itertools.pairwise(points)):
         x0, eps = _denoise(model, x, here, prediction)
         x0 = threshold_x0(x0, clip_x0, dynamic_threshold)
         ab, ab_next = here.alpha_bar, there.alpha_bar
@@ -253,7 +252,7 @@ def sample_euler(
     _check(x_T, prediction)
     points = _points(schedule, steps, spacing, **spacing_opts)
     x = x_T
-    for i, (here, there) in enumerate(zip(points[:-1], points[1:], strict=True)):
+    for i, (here, there) in enumerate(itertools.pairwise(points)):
         x, here = _churn(x, here, schedule, generator, s_churn, s_tmin, s_tmax, s_noise, steps)
         x0, eps = _denoise(model, x, here, prediction)
         # x_ve' = x_ve + (sigma' - sigma) (x_ve - D) / sigma = D + sigma' eps; times a'.
@@ -287,7 +286,7 @@ def sample_heun(
     _check(x_T, prediction)
     points = _points(schedule, steps, spacing, **spacing_opts)
     x = x_T
-    for i, (here, there) in enumerate(zip(points[:-1], points[1:], strict=True)):
+    for i, (here, there) in enumerate(itertools.pairwise(points)):
         x, here = _churn(x, here, schedule, generator, s_churn, s_tmin, s_tmax, s_noise, steps)
         x0, eps = _denoise(model, x, here, prediction)
         x_euler = there.a * x0 + there.s * eps
@@ -323,7 +322,7 @@ def sample_euler_ancestral(
         raise ValueError(f"eta must be non-negative, got {eta}")
     points = _points(schedule, steps, spacing, **spacing_opts)
     x = x_T
-    for i, (here, there) in enumerate(zip(points[:-1], points[1:], strict=True)):
+    for i, (here, there) in enumerate(itertools.pairwise(points)):
         x0, eps = _denoise(model, x, here, prediction)
         sigma, sigma_next = here.sigma, there.sigma
         ratio = sigma_next / sigma  # 0 when sigma is infinite
@@ -357,7 +356,7 @@ def sample_dpmpp_2m(
     points = _points(schedule, steps, spacing, **spacing_opts)
     x = x_T
     previous: tuple[Tensor, float] | None = None  # (denoised, step size h) of the last step
-    for i, (here, there) in enumerate(zip(points[:-1], points[1:], strict=True)):
+    for i, (here, there) in enumerate(itertools.pairwise(points)):
         x0, _ = _denoise(model, x, here, prediction)
         h = there.lam - here.lam
         if previous is None or there.alpha_bar == 1:
@@ -409,4 +408,3 @@ def make_sampler(name: str, **opts) -> Callable[..., Tensor]:
             f"{sorted(allowed | set(_SPACING_OPTS))}"
         )
     return partial(fn, **opts)
-

@@ -100,9 +100,7 @@ class Schedule:
         last = self.num_train_timesteps - 1
         integer = flat == flat.round()
         if bool(((flat < -1) | (flat > last) | (~integer & (flat < 0))).any()):
-            raise ValueError(
-                f"timesteps must be -1 or lie in [0, {last}], got {flat.tolist()}"
-            )
+            raise ValueError(f"timesteps must be -1 or lie in [0, {last}], got {flat.tolist()}")
         out = torch.empty_like(flat)
         ints = flat[integer].long()
         table = self.alphas_cumprod.cpu()

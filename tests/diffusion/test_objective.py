@@ -52,7 +52,9 @@ def test_conversions_round_trip_at_every_t(schedule, src, dst):
     assert ((back - src_out).abs() * a).max() < 1e-12
     if schedule.zero_terminal_snr and src != "eps":  # the endpoint itself, one way
         end = slice(-1, None)
-        got = convert(target(src, x0, noise, alpha_bar)[end], x_t[end], alpha_bar[end], src=src, dst=dst)
+        got = convert(
+            target(src, x0, noise, alpha_bar)[end], x_t[end], alpha_bar[end], src=src, dst=dst
+        )
         assert torch.equal(got, target(dst, x0, noise, alpha_bar)[end])
 
 
@@ -62,7 +64,9 @@ def test_eps_at_zero_snr_is_refused_with_the_fix():
     # At zero SNR x_t is the noise itself, so every other target is still defined.
     assert torch.equal(x_t[-1], noise[-1])
     torch.testing.assert_close(
-        convert(target("v", x0, noise, alpha_bar)[-1:], x_t[-1:], alpha_bar[-1:], src="v", dst="x0"),
+        convert(
+            target("v", x0, noise, alpha_bar)[-1:], x_t[-1:], alpha_bar[-1:], src="v", dst="x0"
+        ),
         x0[-1:],
     )
     with pytest.raises(ValueError, match="prediction='v' or 'x0'"):
@@ -73,7 +77,9 @@ def test_x0_and_eps_and_karras_form():
     schedule = make_schedule("cosine")
     x0, noise, alpha_bar, x_t = _batch(schedule)
     for prediction in PREDICTIONS:
-        got_x0, got_eps = x0_and_eps(target(prediction, x0, noise, alpha_bar), x_t, alpha_bar, prediction)
+        got_x0, got_eps = x0_and_eps(
+            target(prediction, x0, noise, alpha_bar), x_t, alpha_bar, prediction
+        )
         torch.testing.assert_close(got_x0, x0, rtol=0, atol=1e-9)
         torch.testing.assert_close(got_eps, noise, rtol=0, atol=1e-9)
     # Karras: x_ve = x0 + sigma eps, so the "denoised" D is x0 and (x_ve - D) / sigma is eps.
@@ -113,7 +119,9 @@ def test_diffusion_loss_is_weighted_mse():
     schedule = make_schedule("scaled_linear")
     x0, noise, alpha_bar, _ = _batch(schedule)
     output = torch.randn_like(x0)
-    loss = diffusion_loss(output, x0, noise, alpha_bar, prediction="v", weighting="min_snr", gamma=5)
+    loss = diffusion_loss(
+        output, x0, noise, alpha_bar, prediction="v", weighting="min_snr", gamma=5
+    )
     per_sample = (output - target("v", x0, noise, alpha_bar)).pow(2).flatten(1).mean(1)
     w = loss_weights(schedule.snr, "v", "min_snr", 5)
     torch.testing.assert_close(loss.double(), (w * per_sample).mean(), rtol=1e-6, atol=0)

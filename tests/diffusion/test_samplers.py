@@ -54,7 +54,9 @@ def _run(name, data, setting, steps, n, seed=0, **opts):
     x_T = (x_T - x_T.mean(0)) / x_T.std(0)
     sampler = get_sampler(name.split("-")[0])
     model = data.denoiser(schedule, prediction)
-    out = sampler(model, x_T, schedule, steps=steps, prediction=prediction, generator=generator, **opts)
+    out = sampler(
+        model, x_T, schedule, steps=steps, prediction=prediction, generator=generator, **opts
+    )
     return out, x_T, schedule
 
 
@@ -192,7 +194,9 @@ def test_thresholding():
     torch.testing.assert_close(capped[0], x0[0].clamp(-1.5, 1.5) / 1.5)
     schedule = make_schedule("linear")
     wide = GaussianMixture.gaussian(torch.zeros(2), torch.full((2,), 3.0))
-    x = sample_ddim(wide.denoiser(schedule, "eps"), torch.randn(256, 2), schedule, steps=20, clip_x0=1.0)
+    x = sample_ddim(
+        wide.denoiser(schedule, "eps"), torch.randn(256, 2), schedule, steps=20, clip_x0=1.0
+    )
     assert x.abs().max() <= 1.0 + 1e-6
 
 

@@ -70,9 +70,7 @@ def test_leading_offset(case, offset):
     assert torch.equal(t, sampling_timesteps(T, steps, "leading") + offset)
 
 
-@given(
-    st.sampled_from(BETA_SCHEDULES), st.integers(2, 2000), st.booleans(), st.integers(0, 10)
-)
+@given(st.sampled_from(BETA_SCHEDULES), st.integers(2, 2000), st.booleans(), st.integers(0, 10))
 def test_alphas_cumprod_properties(name, T, zero_snr, _):
     schedule = make_schedule(name, T, zero_terminal_snr=zero_snr)
     ab, betas = schedule.alphas_cumprod, schedule.betas
@@ -146,7 +144,10 @@ def test_karras_sigmas_follow_eq_5():
         (lambda: make_schedule("quadratic"), "unknown beta schedule 'quadratic'"),
         (lambda: make_schedule("cosine", beta_start=0.1), "cosine schedule takes no"),
         (lambda: make_schedule("linear", beta_start=0.5, beta_end=0.1), "beta_start < beta_end"),
-        (lambda: sampling_timesteps(1000, 0, "leading"), r"steps must be an integer in \[1, 1000\]"),
+        (
+            lambda: sampling_timesteps(1000, 0, "leading"),
+            r"steps must be an integer in \[1, 1000\]",
+        ),
         (lambda: sampling_timesteps(1000, 1001, "trailing"), "got 1001"),
         (lambda: sampling_timesteps(1000, 10, "uniform"), "unknown timestep spacing 'uniform'"),
         (lambda: sampling_timesteps(1000, 10, "trailing", offset=1), "offset applies"),
