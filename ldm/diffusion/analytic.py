@@ -96,13 +96,14 @@ class GaussianMixture:
     def posterior_mean(self, x_t: Tensor, alpha_bar: Tensor | float) -> Tensor:
         """``E[x0 | x_t]`` for ``x_t`` (B, D) at ``alpha_bar`` (scalar or (B,))."""
         x = x_t.double()
+        weights, means, stds = (p.to(x.device) for p in (self.weights, self.means, self.stds))
         a, s = vp_coefficients(alpha_bar, x)  # (B, 1) or scalars
         a, s = a.reshape(-1, 1, 1), s.reshape(-1, 1, 1)  # (B or 1, 1, 1)
-        var0 = self.stds[None] ** 2  # (1, K, D)
+        var0 = stds[None] ** 2  # (1, K, D)
         var_t = a**2 * var0 + s**2  # (B or 1, K, D)
-        log_r = self._component_log_prob(x, a * self.means[None], var_t) + self.weights.log()
+        log_r = self._component_log_prob(x, a * means[None], var_t) + weights.log()
         r = torch.softmax(log_r, dim=1)  # (B, K)
-        per_component = self.means[None] + a * var0 / var_t * (x[:, None, :] - a * self.means)
+        per_component = means[None] + a * var0 / var_t * (x[:, None, :] - a * means)
         return (r[..., None] * per_component).sum(1).to(x_t.dtype)
 
     def denoiser(self, schedule: Schedule, prediction: str) -> Denoiser:
