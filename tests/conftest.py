@@ -1,12 +1,20 @@
 """Shared test settings: no network, a deterministic hypothesis profile, GPU tests skipped
 without a CUDA device."""
 
+import os
+
 import pytest
 import torch
 from hypothesis import settings
 
 settings.register_profile("ldm", deadline=None, max_examples=150, derandomize=True)
 settings.load_profile("ldm")
+
+# Under pytest-xdist, share the cores between workers: oversubscribed OpenMP threads spin
+# and can make small tensor ops orders of magnitude slower.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -94,6 +94,8 @@ def threshold_x0(
     ``dynamic_threshold`` quantile of ``|x0|``, at least 1 (and at most ``clip_x0`` when
     given); clip to ``[-r, r]`` and divide by ``r``.
     """
+    if clip_x0 is not None and clip_x0 <= 0:
+        raise ValueError(f"clip_x0 must be positive, got {clip_x0}")
     if dynamic_threshold is not None:
         if not 0 < dynamic_threshold < 1:
             raise ValueError(f"dynamic_threshold must be in (0, 1), got {dynamic_threshold}")
@@ -104,8 +106,6 @@ def threshold_x0(
         r = r.to(x0.dtype).reshape(-1, *([1] * (x0.ndim - 1)))
         return torch.maximum(torch.minimum(x0, r), -r) / r
     if clip_x0 is not None:
-        if clip_x0 <= 0:
-            raise ValueError(f"clip_x0 must be positive, got {clip_x0}")
         return x0.clamp(-clip_x0, clip_x0)
     return x0
 
