@@ -1,0 +1,1 @@
+"""Weight formats: safe reading, Stable Diffusion and diffusers layouts."""

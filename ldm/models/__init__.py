@@ -1,0 +1,1 @@
+"""Networks: VAE, UNet, conditioners, discriminator."""

@@ -1,0 +1,186 @@
+"""The latent diffusion UNet (Rombach et al. 2022), written to Stable Diffusion's layout.
+
+An encoder of resnet blocks (with spatial transformers at chosen levels) and stride-2
+downsampling, a middle block, and a decoder that concatenates the encoder's skips. The
+parameter names are those of the original ``openaimodel.UNetModel``, so SD 1.x / 2.x
+checkpoints load by stripping ``model.diffusion_model.``; ``ldm.convert`` maps the
+diffusers layout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from ldm.nn.attention import SpatialTransformer
+from ldm.nn.embeddings import timestep_embedding
+from ldm.nn.resnet import Downsample, GroupNorm32, ResBlock, Upsample
+
+
+class _Stage(nn.Sequential):
+    """A run of layers that each take what they need: resnets the embedding, transformers
+    the context."""
+
+    def forward(self, x: Tensor, emb: Tensor, context: Tensor | None) -> Tensor:
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            else:
+                x = layer(x)
+        return x
+
+
+class UNet(nn.Module):
+    """``forward(x, t, context=None, y=None, pooled=None)`` -> a prediction shaped like x."""
+
+    def __init__(
+        self,
+        *,
+        in_channels: int = 4,  # latent channels in
+        out_channels: int = 4,  # prediction channels out
+        model_channels: int = 320,  # channels of the first level
+        channel_multipliers: Sequence[int] = (1, 2, 4, 4),  # per level, times model_channels
+        blocks_per_level: int = 2,  # resnet blocks per encoder level (decoder: one more)
+        attention_levels: Sequence[int] = (0, 1, 2),  # 0-based levels with transformers
+        transformer_depth: int | Sequence[int] = 1,  # transformer blocks, overall or per level
+        num_heads: int | None = 8,  # heads by count (SD 1.x) ...
+        head_dim: int | None = None,  # ... or by channels per head (SD 2.x: 64)
+        context_dim: int | None = 768,  # token width of the text context; None: no context
+        linear_projection: bool = False,  # transformer projection: Linear (SD 2.x) or conv
+        mid_attention: bool = True,  # a transformer in the middle block
+        num_classes: int | None = None,  # class-label conditioning (y: int64 labels)
+        pooled_dim: int | None = None,  # pooled-vector conditioning (e.g. a text embedding)
+        scale_shift: bool = False,  # resnets condition as norm * (1 + scale) + shift
+        dropout: float = 0.0,
+        norm_groups: int = 32,
+    ):
+        super().__init__()
+        # The constructor arguments, for checkpoints' metadata and ldm.convert.
+        self.config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        self.config["channel_multipliers"] = list(channel_multipliers)
+        self.config["attention_levels"] = list(attention_levels)
+        if not isinstance(transformer_depth, int):
+            self.config["transformer_depth"] = list(transformer_depth)
+        levels = len(channel_multipliers)
+        if (num_heads is None) == (head_dim is None):
+            raise ValueError("give exactly one of num_heads (a head count) or head_dim")
+        if any(not 0 <= lvl < levels for lvl in attention_levels):
+            raise ValueError(f"attention_levels {list(attention_levels)} outside 0..{levels - 1}")
+        depths = (
+            [transformer_depth] * levels
+            if isinstance(transformer_depth, int)
+            else list(transformer_depth)
+        )
+        if len(depths) != levels:
+            raise ValueError(f"transformer_depth needs {levels} entries, got {len(depths)}")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.context_dim, self.num_classes, self.pooled_dim = context_dim, num_classes, pooled_dim
+        self.gradient_checkpointing = False
+        self.model_channels = model_channels
+        emb_dim = model_channels * 4
+
+        def heads_for(channels: int) -> tuple[int, int]:
+            if head_dim is not None:
+                return channels // head_dim, head_dim
+            return num_heads, channels // num_heads
+
+        def transformer(channels: int, depth: int) -> SpatialTransformer:
+            heads, dim = heads_for(channels)
+            return SpatialTransformer(
+                channels, heads, dim, depth, context_dim, linear_projection, norm_groups, dropout
+            )
+
+        def resblock(cin: int, cout: int) -> ResBlock:
+            return ResBlock(cin, emb_dim, cout, dropout, scale_shift, norm_groups)
+
+        self.time_embed = nn.Sequential(
+            nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
+        )
+        if num_classes is not None:
+            self.label_emb = nn.Embedding(num_classes, emb_dim)
+        if pooled_dim is not None:
+            self.pooled_emb = nn.Sequential(
+                nn.Linear(pooled_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
+            )
+
+        self.input_blocks = nn.ModuleList(
+            [_Stage(nn.Conv2d(in_channels, model_channels, 3, padding=1))]
+        )
+        skips, ch = [model_channels], model_channels
+        for level, mult in enumerate(channel_multipliers):
+            for _ in range(blocks_per_level):
+                layers = [resblock(ch, model_channels * mult)]
+                ch = model_channels * mult
+                if level in attention_levels:
+                    layers.append(transformer(ch, depths[level]))
+                self.input_blocks.append(_Stage(*layers))
+                skips.append(ch)
+            if level != levels - 1:
+                self.input_blocks.append(_Stage(Downsample(ch)))
+                skips.append(ch)
+
+        middle = [resblock(ch, ch)]
+        if mid_attention:
+            middle.append(transformer(ch, depths[-1]))
+        self.middle_block = _Stage(*middle, resblock(ch, ch))
+
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(channel_multipliers))):
+            for i in range(blocks_per_level + 1):
+                layers = [resblock(ch + skips.pop(), model_channels * mult)]
+                ch = model_channels * mult
+                if level in attention_levels:
+                    layers.append(transformer(ch, depths[level]))
+                if level and i == blocks_per_level:
+                    layers.append(Upsample(ch))
+                self.output_blocks.append(_Stage(*layers))
+
+        self.out = nn.Sequential(
+            GroupNorm32(norm_groups, ch), nn.SiLU(), nn.Conv2d(ch, out_channels, 3, padding=1)
+        )
+
+    def _run(self, stage: _Stage, h: Tensor, emb: Tensor, context: Tensor | None) -> Tensor:
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(stage, h, emb, context, use_reentrant=False)
+        return stage(h, emb, context)
+
+    def forward(
+        self,
+        x: Tensor,
+        t: Tensor,
+        context: Tensor | None = None,
+        y: Tensor | None = None,
+        pooled: Tensor | None = None,
+    ) -> Tensor:
+        """``x`` (B, C, H, W); ``t`` (B,) real-valued timesteps; ``context`` (B, N, D)
+        tokens; ``y`` (B,) class labels; ``pooled`` (B, pooled_dim) vectors."""
+        if (y is None) != (self.num_classes is None):
+            raise ValueError(
+                "class labels y are required exactly when the UNet has num_classes "
+                f"(num_classes={self.num_classes}, y given: {y is not None})"
+            )
+        if (pooled is None) != (self.pooled_dim is None):
+            raise ValueError(
+                "a pooled vector is required exactly when the UNet has pooled_dim "
+                f"(pooled_dim={self.pooled_dim}, pooled given: {pooled is not None})"
+            )
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        emb = self.time_embed(timestep_embedding(t, self.model_channels).to(x.dtype))
+        if y is not None:
+            emb = emb + self.label_emb(y)
+        if pooled is not None:
+            emb = emb + self.pooled_emb(pooled.to(emb.dtype))
+        h, hs = x, []
+        for stage in self.input_blocks:
+            h = self._run(stage, h, emb, context)
+            hs.append(h)
+        h = self._run(self.middle_block, h, emb, context)
+        for stage in self.output_blocks:
+            h = self._run(stage, torch.cat([h, hs.pop()], dim=1), emb, context)
+        return self.out(h)

@@ -1,0 +1,1 @@
+"""Building blocks: attention (SDPA), resnet blocks, embeddings."""
