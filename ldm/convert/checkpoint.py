@@ -6,12 +6,14 @@ Pickle-based files (``.ckpt``, ``.pt``, ``.pth``, ``.bin``) load with
 
 from __future__ import annotations
 
+import os
 import pickle
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 _SHOWN = 20  # keys listed in an error before "... and N more"
@@ -84,3 +86,22 @@ def load_into(
         )
     module.load_state_dict(dict(state_dict), strict=False)
     return missing, unexpected
+
+
+def save_safetensors(
+    path: str | Path, tensors: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None
+) -> Path:
+    """Write tensors atomically (a temporary file, then a rename): never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # safetensors refuses tensors that share storage; contiguous copies are always safe.
+    data = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        save_file(data, tmp, metadata=dict(metadata) if metadata else None)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path

@@ -1,0 +1,194 @@
+"""Stable Diffusion checkpoints in and out: original single files and diffusers folders.
+
+Original (CompVis) single files hold ``model.diffusion_model.*`` (UNet),
+``first_stage_model.*`` (VAE) and ``cond_stage_model.*`` (text encoder; for SD 2.x an
+open_clip tower under ``cond_stage_model.model.*``). Our modules use the original layout,
+so those load by stripping the prefix. diffusers folders hold ``unet/`` and ``vae/``, each a
+``config.json`` and ``diffusion_pytorch_model.safetensors``; their keys are mapped.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor, nn
+
+from ldm.convert.checkpoint import load_into, read_weights, save_safetensors
+from ldm.convert.diffusers_unet import (
+    unet_config_from_diffusers,
+    unet_config_to_diffusers,
+    unet_from_diffusers,
+    unet_to_diffusers,
+)
+
+PREFIXES = {
+    "unet": "model.diffusion_model.",
+    "vae": "first_stage_model.",
+    "text": "cond_stage_model.",
+}
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+
+
+@dataclass
+class SplitCheckpoint:
+    """An original SD checkpoint cut into its parts, with what belongs to none of them."""
+
+    parts: dict[str, dict[str, Tensor]]
+    other: list[str] = field(default_factory=list)  # e.g. model_ema.*, betas, alphas_cumprod
+
+
+def split_checkpoint(state_dict: Mapping[str, Tensor]) -> SplitCheckpoint:
+    """Cut an original single-file SD state dict into ``unet``, ``vae`` and ``text`` parts."""
+    parts: dict[str, dict[str, Tensor]] = {name: {} for name in PREFIXES}
+    other = []
+    for key, value in state_dict.items():
+        for name, prefix in PREFIXES.items():
+            if key.startswith(prefix):
+                parts[name][key[len(prefix) :]] = value
+                break
+        else:
+            other.append(key)
+    if not parts["unet"]:
+        raise ValueError(
+            "no key starts with 'model.diffusion_model.': this is not an original Stable "
+            "Diffusion checkpoint (a diffusers folder loads with load_diffusers_folder)"
+        )
+    return SplitCheckpoint(parts, sorted(other))
+
+
+def infer_unet_config(unet_state: Mapping[str, Tensor]) -> dict[str, Any]:
+    """The SD-family UNet shape a state dict (our / original layout) was trained with.
+
+    Reads the channel widths, levels, blocks per level, attention levels, context width
+    and projection kind from tensor shapes; head settings cannot be read from weights and
+    follow the SD convention (8 heads with conv projection, 64-wide heads with linear).
+    """
+    first = unet_state["input_blocks.0.0.weight"]  # (C, in, 3, 3)
+    base, in_channels = first.shape[0], first.shape[1]
+    out_channels = unet_state["out.2.weight"].shape[0]
+    block_ids = sorted({int(k.split(".")[1]) for k in unet_state if k.startswith("input_blocks.")})
+    downsamples = [i for i in block_ids if f"input_blocks.{i}.0.op.weight" in unet_state]
+    levels = len(downsamples) + 1
+    per_level = (len(block_ids) - 1 - len(downsamples)) // levels
+    multipliers, attention = [], []
+    for level in range(levels):
+        index = 1 + level * (per_level + 1)
+        multipliers.append(
+            unet_state[f"input_blocks.{index}.0.in_layers.2.weight"].shape[0] // base
+        )
+        if f"input_blocks.{index}.1.proj_in.weight" in unet_state:
+            attention.append(level)
+    proj = next((unet_state[k] for k in unet_state if k.endswith(".proj_in.weight")), None)
+    context = next(
+        (v.shape[1] for k, v in unet_state.items() if k.endswith("attn2.to_k.weight")), None
+    )
+    linear = proj is not None and proj.ndim == 2
+    depth = []
+    for level in range(levels):
+        prefix = f"input_blocks.{1 + level * (per_level + 1)}.1.transformer_blocks."
+        ids = {k[len(prefix) :].split(".")[0] for k in unet_state if k.startswith(prefix)}
+        depth.append(max(1, len(ids)))
+    return {
+        "in_channels": in_channels,
+        "out_channels": out_channels,
+        "model_channels": base,
+        "channel_multipliers": multipliers,
+        "blocks_per_level": per_level,
+        "attention_levels": attention,
+        "transformer_depth": depth[0] if len(set(depth)) == 1 else depth,
+        "num_heads": None if linear else 8,
+        "head_dim": 64 if linear else None,
+        "context_dim": context,
+        "linear_projection": linear,
+        "mid_attention": "middle_block.1.proj_in.weight" in unet_state,
+        "num_classes": unet_state["label_emb.weight"].shape[0]
+        if "label_emb.weight" in unet_state
+        else None,
+        "pooled_dim": unet_state["pooled_emb.0.weight"].shape[1]
+        if "pooled_emb.0.weight" in unet_state
+        else None,
+        "scale_shift": unet_state["input_blocks.1.0.emb_layers.1.weight"].shape[0]
+        == 2 * unet_state["input_blocks.1.0.in_layers.2.weight"].shape[0],
+        "dropout": 0.0,
+        "norm_groups": 32,
+    }
+
+
+def load_original(
+    path: str | Path,
+    *,
+    unet: nn.Module | None = None,
+    vae: nn.Module | None = None,
+    text_encoder: nn.Module | None = None,
+    strict: bool = True,
+) -> SplitCheckpoint:
+    """Load an original single-file checkpoint (``.safetensors`` or ``.ckpt``) into modules.
+
+    Each module given gets its part; with ``strict`` a missing or unexpected key raises,
+    naming them. Returns the split checkpoint (its ``other`` keys are not loaded).
+    """
+    split = split_checkpoint(read_weights(path))
+    for name, module in (("unet", unet), ("vae", vae), ("text", text_encoder)):
+        if module is not None:
+            load_into(module, split.parts[name], strict=strict, what=f"{name} of {path}")
+    return split
+
+
+def load_diffusers_folder(path: str | Path, *, strict: bool = True) -> dict[str, nn.Module]:
+    """Our ``UNet`` (and ``AutoencoderKL`` when ``vae/`` exists) from a diffusers folder."""
+    from ldm.models.unet import UNet
+
+    root = Path(path)
+    models: dict[str, nn.Module] = {}
+    unet_dir = root / "unet"
+    if not (unet_dir / "config.json").is_file():
+        raise FileNotFoundError(f"no unet/config.json under {root}: not a diffusers folder")
+    config = unet_config_from_diffusers(json.loads((unet_dir / "config.json").read_text()))
+    unet = UNet(**config)
+    weights = unet_from_diffusers(read_weights(_weights_file(unet_dir)), config)
+    load_into(unet, weights, strict=strict, what=str(unet_dir))
+    models["unet"] = unet
+    vae_dir = root / "vae"
+    if (vae_dir / "config.json").is_file():
+        from ldm.convert.diffusers_vae import vae_config_from_diffusers, vae_from_diffusers
+        from ldm.models.vae import AutoencoderKL
+
+        vae = AutoencoderKL(
+            **vae_config_from_diffusers(json.loads((vae_dir / "config.json").read_text()))
+        )
+        weights = vae_from_diffusers(read_weights(_weights_file(vae_dir)))
+        load_into(vae, weights, strict=strict, what=str(vae_dir))
+        models["vae"] = vae
+    return models
+
+
+def _weights_file(folder: Path) -> Path:
+    for name in (WEIGHTS_NAME, "diffusion_pytorch_model.bin"):
+        if (folder / name).is_file():
+            return folder / name
+    raise FileNotFoundError(f"no {WEIGHTS_NAME} (or .bin) in {folder}")
+
+
+def save_diffusers_folder(
+    out: str | Path, *, unet: nn.Module, vae: nn.Module | None = None
+) -> Path:
+    """Write ``unet/`` (and ``vae/``) in the diffusers layout: config.json + safetensors."""
+    root = Path(out)
+    unet_dir = root / "unet"
+    unet_dir.mkdir(parents=True, exist_ok=True)
+    config = {"_class_name": "UNet2DConditionModel", **unet_config_to_diffusers(unet.config)}
+    (unet_dir / "config.json").write_text(json.dumps(config, indent=2))
+    save_safetensors(unet_dir / WEIGHTS_NAME, unet_to_diffusers(unet.state_dict(), unet.config))
+    if vae is not None:
+        from ldm.convert.diffusers_vae import vae_config_to_diffusers, vae_to_diffusers
+
+        vae_dir = root / "vae"
+        vae_dir.mkdir(parents=True, exist_ok=True)
+        config = {"_class_name": "AutoencoderKL", **vae_config_to_diffusers(vae.config)}
+        (vae_dir / "config.json").write_text(json.dumps(config, indent=2))
+        save_safetensors(vae_dir / WEIGHTS_NAME, vae_to_diffusers(vae.state_dict()))
+    return root
