@@ -1,0 +1,50 @@
+"""python -m ldm.convert: inspect, to-diffusers and back, errors."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from ldm.convert.__main__ import main
+from ldm.convert.checkpoint import read_weights, save_safetensors
+from ldm.models.unet import UNet
+
+TINY = dict(
+    model_channels=64,
+    channel_multipliers=[1, 2],
+    blocks_per_level=1,
+    attention_levels=[1],
+    num_heads=None,
+    head_dim=64,
+    context_dim=32,
+    linear_projection=True,
+)
+
+
+def test_round_trip_through_diffusers_layout(tmp_path, capsys):
+    pytest.importorskip("diffusers")
+    unet = UNet(**TINY)
+    original = {f"model.diffusion_model.{k}": v for k, v in unet.state_dict().items()}
+    save_safetensors(tmp_path / "model.safetensors", original)
+
+    assert main(["inspect", str(tmp_path / "model.safetensors")]) == 0
+    printed = capsys.readouterr().out
+    assert "unet (model.diffusion_model.*)" in printed and '"context_dim": 32' in printed
+
+    assert main(["to-diffusers", str(tmp_path / "model.safetensors"), str(tmp_path / "d")]) == 0
+    assert (tmp_path / "d" / "unet" / "config.json").is_file()
+    assert main(["from-diffusers", str(tmp_path / "d"), str(tmp_path / "back.safetensors")]) == 0
+    back = read_weights(tmp_path / "back.safetensors")
+    assert back.keys() == original.keys()
+    assert all(torch.equal(back[k], v) for k, v in original.items())
+    with safe_open(str(tmp_path / "back.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["unet_config"]) == unet.config
+
+
+def test_errors_are_one_line(tmp_path, capsys):
+    assert main(["inspect", str(tmp_path / "missing.safetensors")]) == 1
+    assert "error: no weights file at" in capsys.readouterr().err
+    save_safetensors(tmp_path / "other.safetensors", {"w": torch.zeros(1)})
+    assert main(["to-diffusers", str(tmp_path / "other.safetensors"), str(tmp_path / "o")]) == 1
+    assert "not an original Stable Diffusion checkpoint" in capsys.readouterr().err
