@@ -192,3 +192,24 @@ def save_diffusers_folder(
         (vae_dir / "config.json").write_text(json.dumps(config, indent=2))
         save_safetensors(vae_dir / WEIGHTS_NAME, vae_to_diffusers(vae.state_dict()))
     return root
+
+
+def infer_vae_config(vae_state: Mapping[str, Tensor]) -> dict[str, Any]:
+    """The ``AutoencoderKL`` shape a state dict (original layout) was trained with."""
+    conv_in = vae_state["encoder.conv_in.weight"]  # (ch, in, 3, 3)
+    base = conv_in.shape[0]
+    levels = len({k.split(".")[2] for k in vae_state if k.startswith("encoder.down.")})
+    blocks = len({k.split(".")[4] for k in vae_state if k.startswith("encoder.down.0.block.")})
+    multipliers = [
+        vae_state[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // base for i in range(levels)
+    ]
+    latent = vae_state["decoder.conv_in.weight"].shape[1]
+    return {
+        "in_channels": conv_in.shape[1],
+        "out_channels": vae_state["decoder.conv_out.weight"].shape[0],
+        "base_channels": base,
+        "channel_multipliers": multipliers,
+        "blocks_per_level": blocks,
+        "latent_channels": latent,
+        "double_z": vae_state["encoder.conv_out.weight"].shape[0] == 2 * latent,
+    }
