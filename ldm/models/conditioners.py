@@ -1,0 +1,483 @@
+"""Conditioners: captions and class labels turned into the UNet's conditioning inputs.
+
+* ``OpenCLIPTextEncoder``: a frozen text tower of CLIP (Radford et al. 2021) as trained by
+  OpenCLIP (Cherti et al. 2023), read at its last or penultimate layer; Stable Diffusion 2.x
+  uses ViT-H-14's penultimate layer.
+* ``TransformerTextEncoder``: a small bidirectional transformer trained from scratch with the
+  UNet, the choice of the LDM paper's own text-to-image model (Rombach et al. 2022), here on
+  CLIP's BPE tokenizer so tokenization works offline.
+* ``ClassEmbedder``: a class-label table with a reserved null class (Rombach et al. 2022).
+
+Every conditioner maps a batch to a dict whose keys are among ``context``, ``y`` and
+``pooled``, the keyword arguments of ``UNet.forward``, so ``unet(x, t, **cond)`` and
+``cfg(unet, cond, uncond, scale)`` take it as it is. ``empty(batch_size)`` is the
+unconditional input of classifier-free guidance (Ho & Salimans 2022), and
+``forward(batch, drop_prob=p)`` swaps each sample's input for the empty one with probability
+``p`` (caption / label dropout while training).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from ldm.convert.checkpoint import load_into, read_weights
+from ldm.nn.attention import FeedForward
+
+Conditioning = dict[str, Tensor]  # keys among "context", "y", "pooled" (UNet.forward kwargs)
+_Batch = TypeVar("_Batch", Tensor, Sequence[str])
+
+# Top-level names of the text half of open_clip.model.CLIP: what a text tower's keys start with.
+_OPENCLIP_TEXT_KEYS = (
+    "token_embedding.",
+    "positional_embedding",
+    "transformer.",
+    "ln_final.",
+    "text_projection",
+    "logit_scale",
+)
+
+
+def drop_conditioning(
+    inputs: _Batch, p: float, empty: str | int, generator: torch.Generator | None = None
+) -> _Batch:
+    """Replace each sample of ``inputs`` (captions, or a label tensor) by ``empty`` with
+    probability ``p``; ``p = 0`` keeps every sample and ``p = 1`` drops every one, exactly."""
+    if not 0 <= p <= 1:
+        raise ValueError(f"conditioning drop probability must be in [0, 1], got {p}")
+    device = generator.device if generator is not None else "cpu"
+    # rand is in [0, 1): `< 0` never holds and `< 1` always does.
+    dropped = torch.rand(len(inputs), generator=generator, device=device) < p
+    if isinstance(inputs, Tensor):
+        return torch.where(dropped.to(inputs.device), torch.full_like(inputs, empty), inputs)
+    return [empty if drop else text for text, drop in zip(inputs, dropped.tolist(), strict=True)]
+
+
+def _check_captions(texts: Sequence[str]) -> list[str]:
+    if isinstance(texts, str):
+        raise TypeError(f"pass a list of captions, got a single string {texts[:40]!r}")
+    for index, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise ValueError(
+                f"caption {index} of the batch is {text!r}, not a string; "
+                'give every sample a caption ("" for none)'
+            )
+    return list(texts)
+
+
+class _TextConditioner(nn.Module):
+    """Captions -> ``{"context": (B, L, width)}`` (plus ``"pooled"`` when asked for).
+
+    Subclasses set ``tokenizer``, ``max_length`` and ``output_pooled`` and implement
+    ``encode_tokens``.
+    """
+
+    tokenizer: Any  # open_clip's SimpleTokenizer: list[str] -> (B, max_length) int64
+    max_length: int
+    output_pooled: bool
+
+    def encode_tokens(self, tokens: Tensor, pooled: bool = True) -> tuple[Tensor, Tensor | None]:
+        """Token ids (B, L) -> per-token states (B, L, width) and, if asked, pooled (B, P)."""
+        raise NotImplementedError
+
+    def tokenize(self, texts: Sequence[str]) -> Tensor:
+        """CLIP BPE ids (B, max_length), int64: SOT, the caption, EOT, zero padding; captions
+        longer than ``max_length`` are cut and end in EOT."""
+        return self.tokenizer(_check_captions(texts), context_length=self.max_length)
+
+    def encode(self, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
+        """Captions -> token states (B, max_length, width) and pooled vectors (B, P)."""
+        device = next(self.parameters()).device
+        return self.encode_tokens(self.tokenize(texts).to(device), pooled=True)
+
+    def forward(
+        self,
+        texts: Sequence[str],
+        *,
+        drop_prob: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> Conditioning:
+        """``{"context": (B, max_length, width)}``, with ``"pooled"`` if built with
+        ``pooled=True``; each caption becomes "" with probability ``drop_prob`` first."""
+        texts = drop_conditioning(_check_captions(texts), drop_prob, "", generator)
+        device = next(self.parameters()).device
+        context, pooled = self.encode_tokens(
+            self.tokenize(texts).to(device), pooled=self.output_pooled
+        )
+        if not self.output_pooled:
+            return {"context": context}
+        return {"context": context, "pooled": pooled}
+
+    def empty(self, batch_size: int = 1) -> Conditioning:
+        """The unconditional input: the encoding of the empty caption, for every sample."""
+        cond = self([""])
+        return {key: value.expand(batch_size, *value.shape[1:]) for key, value in cond.items()}
+
+
+# --------------------------------------------------------------------------- OpenCLIP
+
+
+def find_openclip_weights(arch: str, tag: str, cache_dir: str | Path | None = None) -> Path:
+    """The local file of open_clip's pretrained ``tag`` for ``arch``; never downloads.
+
+    Looks where ``open_clip.create_model(arch, pretrained=tag, cache_dir=cache_dir)`` would
+    have downloaded it: the Hugging Face hub cache (``cache_dir``, else ``HF_HUB_CACHE``,
+    default ``~/.cache/huggingface/hub``) for hub-hosted tags, preferring the safetensors
+    copy, and ``cache_dir`` (default ``~/.cache/clip``) for tags hosted only at a URL.
+    """
+    from huggingface_hub import constants, try_to_load_from_cache
+    from open_clip.pretrained import get_pretrained_cfg, list_pretrained_tags_by_model
+
+    cfg = get_pretrained_cfg(arch, tag)
+    if not cfg:
+        raise ValueError(
+            f"open_clip has no pretrained weights {tag!r} for {arch!r}; "
+            f"its tags for {arch!r}: {list_pretrained_tags_by_model(arch) or 'none'}"
+        )
+    looked, fetch = [], []
+    hub = cfg.get("hf_hub", "")
+    if hub:
+        repo_id, filename = os.path.split(hub)  # "org/name/" -> ("org/name", "")
+        filename = filename or "open_clip_pytorch_model.bin"
+        names = [filename]
+        # open_clip takes a safetensors twin first when the hub has one.
+        if filename == "open_clip_pytorch_model.bin":
+            names.insert(0, "open_clip_model.safetensors")
+        elif filename.endswith((".bin", ".pth")):
+            names.insert(0, filename[:-4] + ".safetensors")
+        for name in names:
+            found = try_to_load_from_cache(repo_id, name, cache_dir=cache_dir)
+            if isinstance(found, str) and os.path.isfile(found):
+                return Path(found)
+        root = Path(cache_dir or constants.HF_HUB_CACHE).expanduser()
+        folder = root / f"models--{repo_id.replace('/', '--')}" / "snapshots" / "<revision>"
+        looked += [str(folder / name) for name in names]
+        fetch.append(
+            f"on a machine with network, `hf download {repo_id} {names[0]}` (or {names[-1]}) "
+            "fills that cache; copy the cache here, or point HF_HUB_CACHE / cache_dir at it"
+        )
+    url = "" if hub else cfg.get("url", "")  # OpenAI's URL files are TorchScript: hub first
+    if url:
+        path = Path(cache_dir or "~/.cache/clip").expanduser() / os.path.basename(url)
+        if path.is_file():
+            return path
+        looked.append(str(path))
+        fetch.append(f"download {url} to {path}")
+    raise FileNotFoundError(
+        f"OpenCLIP weights {arch} / {tag} are not on this machine, and nothing is downloaded. "
+        f"Looked for: {'; '.join(looked)}. To fix: {'; or '.join(fetch)}; "
+        "or pass weights_path=<a local .safetensors / .bin / .pt file>."
+    )
+
+
+class _OpenCLIPText(nn.Module):
+    """The text half of ``open_clip.model.CLIP`` under CLIP's own attribute names, so its
+    keys are those of an open_clip checkpoint (and of SD 2.x's ``cond_stage_model.model.``).
+
+    Built from open_clip's text tower alone: SD 2.x built the whole CLIP and ran
+    ``del model.visual``, which briefly costs the vision tower's memory (632M parameters
+    for ViT-H-14) for the same parameters.
+    """
+
+    def __init__(self, embed_dim: int, text_cfg: Mapping[str, Any], quick_gelu: bool):
+        super().__init__()
+        from open_clip.model import _build_text_tower
+
+        text = _build_text_tower(embed_dim, dict(text_cfg), quick_gelu)
+        # The assignments of open_clip.model.CLIP.__init__.
+        self.transformer = text.transformer
+        self.token_embedding = text.token_embedding
+        self.positional_embedding = text.positional_embedding
+        self.ln_final = text.ln_final
+        self.text_projection = text.text_projection
+        self.text_pool_type: str = getattr(text, "pool_type", "argmax")
+        self.text_eos_id: int | None = getattr(text, "eos_id", None)
+        self.register_buffer("attn_mask", text.attn_mask, persistent=False)  # causal, or None
+        # Unused for encoding; open_clip and SD 2.x checkpoints hold it, so strict loads fit.
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+
+def _text_state(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The text-tower tensors of an open_clip, SD 2.x or ``OpenCLIPTextEncoder`` state dict,
+    keyed as ``_OpenCLIPText`` keys them (vision-tower keys are left out)."""
+    for prefix in ("cond_stage_model.model.", "model.", "module.", ""):
+        text = {
+            key[len(prefix) :]: value
+            for key, value in state.items()
+            if key.startswith(prefix) and key[len(prefix) :].startswith(_OPENCLIP_TEXT_KEYS)
+        }
+        if "token_embedding.weight" in text:
+            return text
+    return {}
+
+
+class OpenCLIPTextEncoder(_TextConditioner):
+    """A frozen OpenCLIP text tower: captions -> ``{"context": (B, 77, width)}``.
+
+    ``self.model`` holds open_clip's own text modules (``token_embedding``,
+    ``positional_embedding``, ``transformer``, ``ln_final``, ``text_projection``,
+    ``logit_scale``, the ``attn_mask`` buffer), so an SD 2.x checkpoint's
+    ``cond_stage_model.*`` keys load as they are once that prefix is stripped.
+    """
+
+    def __init__(
+        self,
+        arch: str = "ViT-H-14",  # open_clip model name; ViT-H-14 is SD 2.x's, ViT-L-14 ...
+        pretrained: str | None = None,  # open_clip tag, e.g. "laion2b_s32b_b79k"; cache only
+        *,
+        weights_path: str | Path | None = None,  # or a local weights file (not with a tag)
+        cache_dir: str | Path | None = None,  # open_clip's cache_dir (see find_openclip_weights)
+        layer: Literal["last", "penultimate"] = "penultimate",  # tokens from this layer
+        max_length: int = 77,  # tokens per caption, SOT and EOT included
+        freeze: bool = True,  # no gradients, and eval mode whatever .train() says
+        pooled: bool = False,  # also return "pooled": the projected EOT state (B, embed_dim)
+        model_config: Mapping[str, Any] | None = None,  # open_clip config instead of arch's
+    ):
+        super().__init__()
+        import open_clip
+
+        if layer not in ("last", "penultimate"):
+            raise ValueError(f"layer must be 'last' or 'penultimate', got {layer!r}")
+        if pretrained is not None and weights_path is not None:
+            raise ValueError("give pretrained (an open_clip tag) or weights_path, not both")
+        cfg = open_clip.get_model_config(arch) if model_config is None else dict(model_config)
+        if cfg is None:
+            raise ValueError(
+                f"unknown open_clip architecture {arch!r}; see open_clip.list_models()"
+            )
+        text_cfg = dict(cfg["text_cfg"])
+        if (
+            text_cfg.get("hf_model_name")
+            or text_cfg.get("hf_tokenizer_name")
+            or text_cfg.get("embed_cls")
+            or "siglip" in arch.lower()
+        ):
+            raise ValueError(
+                f"{arch!r} has a Hugging Face, SigLIP or CoCa text tower; OpenCLIPTextEncoder "
+                "supports open_clip's CLIP text transformer with the CLIP BPE tokenizer"
+            )
+        context_length = text_cfg.get("context_length", 77)
+        if not 2 <= max_length <= context_length:
+            raise ValueError(f"max_length must be in [2, {context_length}], got {max_length}")
+        self.arch, self.layer, self.max_length = arch, layer, max_length
+        self.output_pooled, self.frozen = pooled, freeze
+        tag_cfg = {}
+        if pretrained is not None:  # found (or failed) before the slow build
+            weights_path = find_openclip_weights(arch, pretrained, cache_dir)
+            tag_cfg = open_clip.pretrained.get_pretrained_cfg(arch, pretrained)
+        # Weights trained with QuickGELU (OpenAI's) need it whatever the model name says.
+        quick_gelu = bool(cfg.get("quick_gelu") or tag_cfg.get("quick_gelu"))
+        self.model = _OpenCLIPText(cfg["embed_dim"], text_cfg, quick_gelu)
+        # What open_clip.get_tokenizer(arch) returns for these towers; its vocabulary ships in
+        # the open_clip wheel.
+        self.tokenizer = open_clip.tokenizer.SimpleTokenizer(
+            context_length=max_length, **(text_cfg.get("tokenizer_kwargs") or {})
+        )
+        if weights_path is not None:
+            self.load_weights(weights_path)
+        if freeze:
+            self.requires_grad_(False)
+            self.train(False)
+
+    def load_weights(self, path: str | Path) -> None:
+        """Load the text tower from an open_clip checkpoint, an SD 2.x checkpoint or this
+        module's own state dict (safetensors, or a weights-only pickle)."""
+        text = _text_state(read_weights(path))
+        if not text:
+            raise ValueError(
+                f"{path} holds no OpenCLIP text tower: no key ends in 'token_embedding.weight' "
+                "under '', 'model.', 'module.' or 'cond_stage_model.model.'"
+            )
+        text.setdefault("logit_scale", self.model.logit_scale.detach())
+        load_into(self.model, text, what=f"OpenCLIP {self.arch} text tower from {path}")
+
+    def train(self, mode: bool = True) -> OpenCLIPTextEncoder:
+        """A frozen encoder stays in eval mode (no dropout) when its parent trains."""
+        return super().train(mode and not self.frozen)
+
+    def encode_tokens(self, tokens: Tensor, pooled: bool = True) -> tuple[Tensor, Tensor | None]:
+        """Token ids (B, L) -> ``ln_final`` of the chosen layer's states (B, L, width) and,
+        if asked, ``encode_text``'s projected EOT vector (B, embed_dim), always from the last
+        layer."""
+        model = self.model
+        length = tokens.shape[1]
+        dtype = model.transformer.get_cast_dtype()
+        mask = None if model.attn_mask is None else model.attn_mask[:length, :length]
+        x = model.token_embedding(tokens).to(dtype) + model.positional_embedding[:length].to(dtype)
+        batch_first = getattr(model.transformer, "batch_first", False)
+        if not batch_first:  # open_clip before 2.2x: blocks take (L, B, width)
+            x = x.transpose(0, 1)
+        blocks = model.transformer.resblocks
+        stop = len(blocks) - 1 if self.layer == "penultimate" else len(blocks)
+        hidden = None
+        for index, block in enumerate(blocks):
+            if index == stop:
+                hidden = x  # the penultimate layer's output: the last block's input
+                if not pooled:
+                    break
+            x = block(x, attn_mask=mask)
+        if not batch_first:
+            x = x.transpose(0, 1)
+            hidden = None if hidden is None else hidden.transpose(0, 1)
+        final = model.ln_final(x)  # (B, L, width)
+        context = final if hidden is None else model.ln_final(hidden)
+        if not pooled:
+            return context, None
+        vector = self._pool(final, tokens)  # (B, width)
+        projection = model.text_projection
+        if isinstance(projection, nn.Linear):
+            vector = projection(vector)
+        elif projection is not None:
+            vector = vector @ projection  # (B, embed_dim)
+        return context, vector
+
+    def _pool(self, x: Tensor, tokens: Tensor) -> Tensor:
+        """open_clip's ``text_global_pool``: CLIP reads the EOT token (the largest id)."""
+        rows = torch.arange(x.shape[0], device=x.device)
+        kind = self.model.text_pool_type
+        if kind == "argmax":
+            return x[rows, tokens.argmax(dim=-1)]
+        if kind == "eos":
+            return x[rows, (tokens == self.model.text_eos_id).int().argmax(dim=-1)]
+        if kind == "first":
+            return x[:, 0]
+        if kind == "last":
+            return x[:, -1]
+        raise ValueError(f"text pool type {kind!r} gives no pooled vector")
+
+
+# --------------------------------------------------------------------------- from scratch
+
+
+class _EncoderBlock(nn.Module):
+    """Pre-norm self-attention over the real tokens and a GEGLU feed-forward, each residual."""
+
+    def __init__(self, width: int, heads: int, dropout: float):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"width {width} is not divisible by heads {heads}")
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(width)
+        self.to_qkv = nn.Linear(width, 3 * width)
+        self.to_out = nn.Sequential(nn.Linear(width, width), nn.Dropout(dropout))
+        self.norm2 = nn.LayerNorm(width)
+        self.ff = FeedForward(width, dropout=dropout)
+
+    def forward(self, x: Tensor, keep: Tensor) -> Tensor:
+        """``x`` (B, L, width); ``keep`` (B, 1, 1, L) bool, True at keys that are real tokens."""
+        qkv = rearrange(self.to_qkv(self.norm1(x)), "b n (k h d) -> k b h n d", k=3, h=self.heads)
+        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=keep)  # (B,h,L,d)
+        x = x + self.to_out(rearrange(out, "b h n d -> b n (h d)"))
+        return x + self.ff(self.norm2(x))
+
+
+class TransformerTextEncoder(_TextConditioner):
+    """A small transformer text encoder trained with the UNet (LDM's ``BERTEmbedder`` idea).
+
+    Bidirectional, like LDM's BERT-style encoder: no autoregressive objective trains it, and
+    every token's state sees the whole caption (a causal encoder's early tokens never see the
+    later words). Padding keys are masked, so padding changes no real token's state.
+    ``pooled`` is the mean of the real tokens' states (SOT to EOT).
+    """
+
+    def __init__(
+        self,
+        *,
+        width: int = 256,  # token width: the UNet's context_dim
+        depth: int = 4,  # transformer blocks
+        heads: int = 4,  # attention heads
+        max_length: int = 77,  # tokens per caption, SOT and EOT included
+        dropout: float = 0.0,  # on the attention and feed-forward outputs
+        pooled: bool = False,  # also return "pooled": the mean real-token state (B, width)
+    ):
+        super().__init__()
+        from open_clip.tokenizer import SimpleTokenizer
+
+        if max_length < 2:
+            raise ValueError(f"max_length must leave room for SOT and EOT, got {max_length}")
+        self.max_length, self.output_pooled, self.width = max_length, pooled, width
+        self.tokenizer = SimpleTokenizer(context_length=max_length)
+        self.eot_token_id: int = self.tokenizer.eot_token_id
+        self.token_embedding = nn.Embedding(self.tokenizer.vocab_size, width)  # 49408 ids
+        self.positional_embedding = nn.Parameter(torch.empty(max_length, width))
+        self.blocks = nn.ModuleList(_EncoderBlock(width, heads, dropout) for _ in range(depth))
+        self.ln_final = nn.LayerNorm(width)
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+
+    def encode_tokens(self, tokens: Tensor, pooled: bool = True) -> tuple[Tensor, Tensor | None]:
+        """Token ids (B, L <= max_length), zero-padded after EOT -> states (B, L, width) and,
+        if asked, the mean over SOT..EOT (B, width)."""
+        length = tokens.shape[1]
+        if length > self.max_length:
+            raise ValueError(f"{length} tokens exceed max_length {self.max_length}")
+        eot = (tokens == self.eot_token_id).int().argmax(dim=-1)  # (B,) first EOT
+        keep = torch.arange(length, device=tokens.device) <= eot[:, None]  # (B, L)
+        x = self.token_embedding(tokens) + self.positional_embedding[:length]
+        for block in self.blocks:
+            x = block(x, keep[:, None, None, :])
+        x = self.ln_final(x)
+        if not pooled:
+            return x, None
+        weights = keep.to(x.dtype)[..., None]  # (B, L, 1)
+        return x, (x * weights).sum(dim=1) / weights.sum(dim=1)
+
+
+# --------------------------------------------------------------------------- classes
+
+
+class ClassEmbedder(nn.Module):
+    """Class labels (B,) int64 -> ``{"context": (B, 1, dim)}``, or ``{"y": labels}``.
+
+    Label ``num_classes`` is the null class of classifier-free guidance. With ``dim`` the
+    labels index a table of ``num_classes + 1`` rows (LDM's ``ClassEmbedder``: one context
+    token for cross-attention). With ``dim=None`` the labels pass through to the UNet's
+    ``y`` path, and the UNet needs ``num_classes=num_classes + 1`` to embed the null class.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,  # real classes, labelled 0 .. num_classes - 1
+        dim: int | None = 512,  # context token width (the UNet's context_dim); None: y path
+    ):
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be positive, got {num_classes}")
+        self.num_classes, self.dim = num_classes, dim
+        self.register_buffer("null_label", torch.tensor(num_classes), persistent=False)
+        self.embedding = nn.Embedding(num_classes + 1, dim) if dim is not None else None
+
+    def forward(
+        self,
+        labels: Tensor,
+        *,
+        drop_prob: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> Conditioning:
+        """Each label becomes the null class with probability ``drop_prob`` first."""
+        if labels.ndim != 1 or labels.dtype.is_floating_point or labels.dtype == torch.bool:
+            raise ValueError(
+                f"class labels must be a (B,) integer tensor, got {labels.dtype} "
+                f"{tuple(labels.shape)}"
+            )
+        if labels.numel() and (labels.min() < 0 or labels.max() > self.num_classes):
+            raise ValueError(
+                f"class labels must be in [0, {self.num_classes - 1}] ({self.num_classes} is "
+                f"the null class); got min {labels.min().item()}, max {labels.max().item()}"
+            )
+        labels = drop_conditioning(labels.long(), drop_prob, self.num_classes, generator)
+        if self.embedding is None:
+            return {"y": labels}
+        return {"context": self.embedding(labels)[:, None]}  # (B, 1, dim)
+
+    def empty(self, batch_size: int = 1) -> Conditioning:
+        """The unconditional input: the null class for every sample."""
+        return self(self.null_label.expand(batch_size))
