@@ -11,6 +11,7 @@ original-layout tools load too; the constructor configs go into its metadata.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -49,7 +50,9 @@ def _to_diffusers(src: Path, out: Path) -> None:
     unet = UNet(**infer_unet_config(split.parts["unet"]))
     load_into(unet, split.parts["unet"], what=f"unet of {src}")
     vae = None
-    if split.parts["vae"]:
+    if split.parts["vae"] and importlib.util.find_spec("ldm.models.vae") is None:
+        print("the VAE was not converted: this version of ldm has no AutoencoderKL yet")
+    elif split.parts["vae"]:
         from ldm.convert.stable_diffusion import infer_vae_config
         from ldm.models.vae import AutoencoderKL
 
