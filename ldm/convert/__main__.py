@@ -11,7 +11,6 @@ original-layout tools load too; the constructor configs go into its metadata.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -20,10 +19,13 @@ from ldm.convert.checkpoint import load_into, read_weights, save_safetensors
 from ldm.convert.stable_diffusion import (
     PREFIXES,
     infer_unet_config,
+    infer_vae_config,
     load_diffusers_folder,
     save_diffusers_folder,
     split_checkpoint,
 )
+from ldm.models.unet import UNet
+from ldm.models.vae import AutoencoderKL
 
 
 def _inspect(path: Path) -> None:
@@ -38,25 +40,21 @@ def _inspect(path: Path) -> None:
         count = sum(v.numel() for v in part.values())
         print(f"{name} ({PREFIXES[name]}*): {len(part)} tensors, {count:,} values")
     print(f"unet config: {json.dumps(infer_unet_config(split.parts['unet']))}")
+    if split.parts["vae"]:
+        print(f"vae config: {json.dumps(infer_vae_config(split.parts['vae']))}")
     if split.other:
         shown = ", ".join(split.other[:10])
         print(f"not loaded ({len(split.other)}): {shown}{' ...' if len(split.other) > 10 else ''}")
 
 
-def _to_diffusers(src: Path, out: Path) -> None:
-    from ldm.models.unet import UNet
-
+def _to_diffusers(src: Path, out: Path, vae_scale_factor: float) -> None:
     split = split_checkpoint(read_weights(src))
     unet = UNet(**infer_unet_config(split.parts["unet"]))
     load_into(unet, split.parts["unet"], what=f"unet of {src}")
     vae = None
-    if split.parts["vae"] and importlib.util.find_spec("ldm.models.vae") is None:
-        print("the VAE was not converted: this version of ldm has no AutoencoderKL yet")
-    elif split.parts["vae"]:
-        from ldm.convert.stable_diffusion import infer_vae_config
-        from ldm.models.vae import AutoencoderKL
-
-        vae = AutoencoderKL(**infer_vae_config(split.parts["vae"]))
+    if split.parts["vae"]:
+        config = infer_vae_config(split.parts["vae"]) | {"scale_factor": vae_scale_factor}
+        vae = AutoencoderKL(**config)
         load_into(vae, split.parts["vae"], what=f"vae of {src}")
     save_diffusers_folder(out, unet=unet, vae=vae)
     print(f"wrote {out}/unet" + (f" and {out}/vae" if vae is not None else ""))
@@ -85,6 +83,13 @@ def main(argv: list[str] | None = None) -> int:
     to = sub.add_parser("to-diffusers", help="original single file -> diffusers folder")
     to.add_argument("src", type=Path)
     to.add_argument("out", type=Path)
+    to.add_argument(
+        "--vae-scale-factor",
+        type=float,
+        default=0.18215,
+        help="latent scale of the VAE, which weights do not record (SD 1.x / 2.x: 0.18215, "
+        "SDXL: 0.13025)",
+    )
     back = sub.add_parser("from-diffusers", help="diffusers folder -> original-layout file")
     back.add_argument("src", type=Path)
     back.add_argument("out", type=Path)
@@ -93,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "inspect":
             _inspect(args.path)
         elif args.command == "to-diffusers":
-            _to_diffusers(args.src, args.out)
+            _to_diffusers(args.src, args.out, args.vae_scale_factor)
         else:
             _from_diffusers(args.src, args.out)
     except (ValueError, FileNotFoundError) as err:

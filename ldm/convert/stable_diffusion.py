@@ -24,6 +24,14 @@ from ldm.convert.diffusers_unet import (
     unet_from_diffusers,
     unet_to_diffusers,
 )
+from ldm.convert.diffusers_vae import (
+    vae_config_from_diffusers,
+    vae_config_to_diffusers,
+    vae_from_diffusers,
+    vae_to_diffusers,
+)
+from ldm.models.unet import UNet
+from ldm.models.vae import AutoencoderKL
 
 PREFIXES = {
     "unet": "model.diffusion_model.",
@@ -140,8 +148,6 @@ def load_original(
 
 def load_diffusers_folder(path: str | Path, *, strict: bool = True) -> dict[str, nn.Module]:
     """Our ``UNet`` (and ``AutoencoderKL`` when ``vae/`` exists) from a diffusers folder."""
-    from ldm.models.unet import UNet
-
     root = Path(path)
     models: dict[str, nn.Module] = {}
     unet_dir = root / "unet"
@@ -154,9 +160,6 @@ def load_diffusers_folder(path: str | Path, *, strict: bool = True) -> dict[str,
     models["unet"] = unet
     vae_dir = root / "vae"
     if (vae_dir / "config.json").is_file():
-        from ldm.convert.diffusers_vae import vae_config_from_diffusers, vae_from_diffusers
-        from ldm.models.vae import AutoencoderKL
-
         vae = AutoencoderKL(
             **vae_config_from_diffusers(json.loads((vae_dir / "config.json").read_text()))
         )
@@ -184,8 +187,6 @@ def save_diffusers_folder(
     (unet_dir / "config.json").write_text(json.dumps(config, indent=2))
     save_safetensors(unet_dir / WEIGHTS_NAME, unet_to_diffusers(unet.state_dict(), unet.config))
     if vae is not None:
-        from ldm.convert.diffusers_vae import vae_config_to_diffusers, vae_to_diffusers
-
         vae_dir = root / "vae"
         vae_dir.mkdir(parents=True, exist_ok=True)
         config = {"_class_name": "AutoencoderKL", **vae_config_to_diffusers(vae.config)}
@@ -195,21 +196,33 @@ def save_diffusers_folder(
 
 
 def infer_vae_config(vae_state: Mapping[str, Tensor]) -> dict[str, Any]:
-    """The ``AutoencoderKL`` shape a state dict (original layout) was trained with."""
+    """The ``AutoencoderKL`` shape a state dict (our / original layout) was trained with.
+
+    GroupNorm groups and the latent scale cannot be read from weights: ``norm_groups``
+    follows the SD convention (32) and ``scale_factor`` is left unset (SD 1.x / 2.x use
+    0.18215, SDXL 0.13025).
+    """
     conv_in = vae_state["encoder.conv_in.weight"]  # (ch, in, 3, 3)
     base = conv_in.shape[0]
-    levels = len({k.split(".")[2] for k in vae_state if k.startswith("encoder.down.")})
+    levels = 1 + max(int(k.split(".")[2]) for k in vae_state if k.startswith("encoder.down."))
     blocks = len({k.split(".")[4] for k in vae_state if k.startswith("encoder.down.0.block.")})
     multipliers = [
         vae_state[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // base for i in range(levels)
     ]
-    latent = vae_state["decoder.conv_in.weight"].shape[1]
     return {
         "in_channels": conv_in.shape[1],
         "out_channels": vae_state["decoder.conv_out.weight"].shape[0],
         "base_channels": base,
         "channel_multipliers": multipliers,
         "blocks_per_level": blocks,
-        "latent_channels": latent,
-        "double_z": vae_state["encoder.conv_out.weight"].shape[0] == 2 * latent,
+        "attention_levels": [
+            i for i in range(levels) if f"encoder.down.{i}.attn.0.q.weight" in vae_state
+        ],
+        "mid_attention": "encoder.mid.attn_1.q.weight" in vae_state,
+        "latent_channels": vae_state["decoder.conv_in.weight"].shape[1],
+        "quant_conv": "quant_conv.weight" in vae_state,
+        "dropout": 0.0,
+        "norm_groups": 32,
+        "scale_factor": None,
+        "shift_factor": 0.0,
     }

@@ -239,6 +239,7 @@ class OpenCLIPTextEncoder(_TextConditioner):
         max_length: int = 77,  # tokens per caption, SOT and EOT included
         freeze: bool = True,  # no gradients, and eval mode whatever .train() says
         pooled: bool = False,  # also return "pooled": the projected EOT state (B, embed_dim)
+        pad_with_eot: bool = False,  # pad with EOT ids (SD 1.x's tokenizer) instead of 0
         model_config: Mapping[str, Any] | None = None,  # open_clip config instead of arch's
     ):
         super().__init__()
@@ -268,7 +269,7 @@ class OpenCLIPTextEncoder(_TextConditioner):
         if not 2 <= max_length <= context_length:
             raise ValueError(f"max_length must be in [2, {context_length}], got {max_length}")
         self.arch, self.layer, self.max_length = arch, layer, max_length
-        self.output_pooled, self.frozen = pooled, freeze
+        self.output_pooled, self.frozen, self.pad_with_eot = pooled, freeze, pad_with_eot
         tag_cfg = {}
         if pretrained is not None:  # found (or failed) before the slow build
             weights_path = find_openclip_weights(arch, pretrained, cache_dir)
@@ -298,6 +299,16 @@ class OpenCLIPTextEncoder(_TextConditioner):
             )
         text.setdefault("logit_scale", self.model.logit_scale.detach())
         load_into(self.model, text, what=f"OpenCLIP {self.arch} text tower from {path}")
+
+    def tokenize(self, texts: Sequence[str]) -> Tensor:
+        """As ``_TextConditioner.tokenize``; with ``pad_with_eot`` every position after the
+        first EOT holds EOT, as the Hugging Face CLIP tokenizer of SD 1.x pads."""
+        tokens = super().tokenize(texts)
+        if not self.pad_with_eot:
+            return tokens
+        eot = self.tokenizer.eot_token_id
+        first = (tokens == eot).int().argmax(dim=-1)  # (B,)
+        return tokens.masked_fill(torch.arange(tokens.shape[1]) > first[:, None], eot)
 
     def train(self, mode: bool = True) -> OpenCLIPTextEncoder:
         """A frozen encoder stays in eval mode (no dropout) when its parent trains."""

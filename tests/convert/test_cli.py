@@ -9,6 +9,7 @@ from safetensors import safe_open
 from ldm.convert.__main__ import main
 from ldm.convert.checkpoint import read_weights, save_safetensors
 from ldm.models.unet import UNet
+from ldm.models.vae import AutoencoderKL
 
 TINY = dict(
     model_channels=64,
@@ -25,21 +26,27 @@ TINY = dict(
 def test_round_trip_through_diffusers_layout(tmp_path, capsys):
     pytest.importorskip("diffusers")
     unet = UNet(**TINY)
+    vae = AutoencoderKL(base_channels=32, channel_multipliers=[1, 2], blocks_per_level=1)
     original = {f"model.diffusion_model.{k}": v for k, v in unet.state_dict().items()}
+    original.update({f"first_stage_model.{k}": v for k, v in vae.state_dict().items()})
     save_safetensors(tmp_path / "model.safetensors", original)
 
     assert main(["inspect", str(tmp_path / "model.safetensors")]) == 0
     printed = capsys.readouterr().out
     assert "unet (model.diffusion_model.*)" in printed and '"context_dim": 32' in printed
+    assert 'vae config: {"in_channels": 3' in printed
 
     assert main(["to-diffusers", str(tmp_path / "model.safetensors"), str(tmp_path / "d")]) == 0
     assert (tmp_path / "d" / "unet" / "config.json").is_file()
+    vae_config = json.loads((tmp_path / "d" / "vae" / "config.json").read_text())
+    assert vae_config["scaling_factor"] == 0.18215 and vae_config["block_out_channels"] == [32, 64]
     assert main(["from-diffusers", str(tmp_path / "d"), str(tmp_path / "back.safetensors")]) == 0
     back = read_weights(tmp_path / "back.safetensors")
     assert back.keys() == original.keys()
     assert all(torch.equal(back[k], v) for k, v in original.items())
     with safe_open(str(tmp_path / "back.safetensors"), "pt") as f:
         assert json.loads(f.metadata()["unet_config"]) == unet.config
+        assert json.loads(f.metadata()["vae_config"]) == {**vae.config, "scale_factor": 0.18215}
 
 
 def test_errors_are_one_line(tmp_path, capsys):

@@ -8,12 +8,14 @@ import torch
 from ldm.convert.checkpoint import load_into, read_weights, save_safetensors
 from ldm.convert.stable_diffusion import (
     infer_unet_config,
+    infer_vae_config,
     load_diffusers_folder,
     load_original,
     save_diffusers_folder,
     split_checkpoint,
 )
 from ldm.models.unet import UNet
+from ldm.models.vae import AutoencoderKL
 
 TINY_SD1 = dict(  # SD 1.x conventions: conv projection, 8 heads
     model_channels=64,
@@ -37,8 +39,20 @@ TINY_SD2 = dict(  # SD 2.x conventions: linear projection, 64-wide heads
 )
 
 
-def _original_file(tmp_path, unet, kind):
+TINY_VAE = dict(
+    base_channels=16,
+    channel_multipliers=[1, 2, 2],
+    blocks_per_level=1,
+    attention_levels=[2],
+    latent_channels=4,
+    norm_groups=8,
+)
+
+
+def _original_file(tmp_path, unet, kind, vae=None):
     state = {f"model.diffusion_model.{k}": v for k, v in unet.state_dict().items()}
+    if vae is not None:
+        state.update({f"first_stage_model.{k}": v for k, v in vae.state_dict().items()})
     state["alphas_cumprod"] = torch.linspace(0.99, 0.01, 10)
     path = tmp_path / f"model.{kind}"
     if kind == "safetensors":
@@ -51,24 +65,29 @@ def _original_file(tmp_path, unet, kind):
 @pytest.mark.parametrize("kind", ["safetensors", "ckpt"])
 @pytest.mark.parametrize("config", [TINY_SD1, TINY_SD2], ids=["sd1", "sd2"])
 def test_original_single_file_loads(tmp_path, config, kind):
-    source = UNet(**config)
-    path = _original_file(tmp_path, source, kind)
-    target = UNet(**config)
-    split = load_original(path, unet=target)
+    source, source_vae = UNet(**config), AutoencoderKL(**TINY_VAE)
+    path = _original_file(tmp_path, source, kind, source_vae)
+    target, target_vae = UNet(**config), AutoencoderKL(**TINY_VAE)
+    split = load_original(path, unet=target, vae=target_vae)
     assert split.other == ["alphas_cumprod"]
-    for key, value in source.state_dict().items():
-        assert torch.equal(target.state_dict()[key], value), key
-    # The UNet's shape can be read back from the weights alone.
+    for model, loaded in ((source, target), (source_vae, target_vae)):
+        for key, value in model.state_dict().items():
+            assert torch.equal(loaded.state_dict()[key], value), key
+    # The UNet's and the VAE's shapes can be read back from the weights alone.
     inferred = infer_unet_config(split.parts["unet"])
     assert {k: inferred[k] for k in config} == config
+    # (GroupNorm groups cannot be read from weights: the SD convention, 32, is assumed.)
+    assert infer_vae_config(split.parts["vae"]) | {"norm_groups": 8} == source_vae.config
 
 
 def test_sd15_shape_is_inferred_from_weights():
     with torch.device("meta"):
         sd15 = UNet()
         sd2 = UNet(num_heads=None, head_dim=64, context_dim=1024, linear_projection=True)
+        vae = AutoencoderKL()
     for model in (sd15, sd2):
         assert infer_unet_config(model.state_dict()) == model.config
+    assert infer_vae_config(vae.state_dict()) == vae.config
 
 
 class _Exploit:
@@ -106,7 +125,8 @@ def test_missing_and_unexpected_keys_are_listed():
 def test_diffusers_folder_round_trip(tmp_path):
     diffusers = pytest.importorskip("diffusers")
     ours = UNet(**TINY_SD2).eval()
-    save_diffusers_folder(tmp_path / "pipe", unet=ours)
+    vae = AutoencoderKL(**TINY_VAE, scale_factor=0.3).eval()
+    save_diffusers_folder(tmp_path / "pipe", unet=ours, vae=vae)
     theirs = diffusers.UNet2DConditionModel.from_pretrained(tmp_path / "pipe" / "unet").eval()
     x, t, context = torch.randn(1, 4, 16, 16), torch.tensor([500.0]), torch.randn(1, 3, 48)
     with torch.no_grad():
@@ -114,6 +134,14 @@ def test_diffusers_folder_round_trip(tmp_path):
         torch.testing.assert_close(
             theirs(x, t, encoder_hidden_states=context).sample, want, rtol=0, atol=1e-5
         )
-    back = load_diffusers_folder(tmp_path / "pipe")["unet"]
-    assert back.config == ours.config
-    assert all(torch.equal(back.state_dict()[k], v) for k, v in ours.state_dict().items())
+    their_vae = diffusers.AutoencoderKL.from_pretrained(tmp_path / "pipe" / "vae").eval()
+    image = torch.rand(1, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(
+            their_vae.encode(image).latent_dist.mean, vae.encode(image).mean, rtol=0, atol=1e-5
+        )
+    assert their_vae.config.scaling_factor == 0.3
+    loaded = load_diffusers_folder(tmp_path / "pipe")
+    for model, back in ((ours, loaded["unet"]), (vae, loaded["vae"])):
+        assert back.config == model.config
+        assert all(torch.equal(back.state_dict()[k], v) for k, v in model.state_dict().items())

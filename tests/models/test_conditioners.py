@@ -141,6 +141,22 @@ def test_tokenization_offline(no_network, encoder):
     assert TransformerTextEncoder(width=32, depth=1)(CAPTIONS)["context"].shape == (3, 77, 32)
 
 
+def test_eot_padding_keeps_real_tokens(encoder):
+    """SD 1.x pads with EOT: the ids after the first EOT change, the caption's do not, and
+    the causal tower's states up to EOT stay the same."""
+    padded = small_clip(pad_with_eot=True)
+    zeros, eots = encoder.tokenize(CAPTIONS), padded.tokenize(CAPTIONS)
+    eot = encoder.tokenizer.eot_token_id
+    for row_zero, row_eot in zip(zeros, eots, strict=True):
+        end = int((row_zero == eot).nonzero()[0]) + 1
+        assert torch.equal(row_eot[:end], row_zero[:end])
+        assert (row_eot[end:] == eot).all() and (row_zero[end:] == 0).all()
+    with torch.no_grad():
+        a, b = encoder.encode_tokens(zeros, False)[0], encoder.encode_tokens(eots, False)[0]
+    assert not torch.allclose(a, b)  # the padded positions differ ...
+    torch.testing.assert_close(a[0, :6], b[0, :6])  # ... the caption's do not
+
+
 def test_captions_checked(encoder):
     with pytest.raises(TypeError, match="list of captions"):
         encoder("a single string")

@@ -10,7 +10,7 @@ from hydra.utils import instantiate
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 PRESETS = sorted((p.parent.name, p.stem) for p in (CONF / "model").glob("*/*.yaml"))
-LARGE = {"sd15", "sd21", "sd", "openclip_vit_h"}  # built on the meta device
+LARGE = {"sd15", "sd21", "sd", "openclip_vit_h", "openclip_vit_l"}  # built on the meta device
 
 
 def _build(kind, name):
@@ -28,12 +28,26 @@ def test_preset_instantiates(kind, name):
         assert sum(p.numel() for p in model.parameters()) > 0
 
 
-def test_sd_unet_presets_have_the_published_sizes():
+def test_sd_presets_have_the_published_sizes():
     sizes = {
         name: sum(p.numel() for p in _build("unet", name).parameters())
         for name in LARGE & {"sd15", "sd21"}
     }
     assert sizes == {"sd15": 859_520_964, "sd21": 865_910_724}
+    vae = _build("vae", "sd")
+    assert sum(p.numel() for p in vae.parameters()) == 83_653_863
+    assert vae.scale_factor == 0.18215 and vae.downsample_factor == 8
+
+
+def test_tiny_vae_feeds_the_tiny_unet_and_is_fast():
+    vae, unet = _build("vae", "tiny"), _build("unet", "tiny")
+    x = torch.rand(8, 3, 32, 32) * 2 - 1
+    recon, posterior = vae(x)  # warm-up
+    assert posterior.mean.shape == (8, unet.in_channels, 8, 8)
+    start = time.perf_counter()
+    recon, posterior = vae(x)
+    ((recon - x).abs().mean() + posterior.kl().mean()).backward()
+    assert time.perf_counter() - start < 1.0
 
 
 def test_tiny_unet_forward_backward_is_fast():

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from testutils import randomize
 
 from ldm.convert.diffusers_unet import (
     unet_config_from_diffusers,
@@ -57,17 +58,6 @@ DIFFUSERS_CONFIGS = {
 }
 
 
-def _randomize(module, seed=0):
-    """Every parameter random (norms too), so zero-initialised layers cannot hide a bug."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            scale = 0.2 if p.ndim == 1 else 1 / max(1, p[0].numel()) ** 0.5
-            base = 1.0 if name.endswith("weight") and p.ndim == 1 else 0.0
-            p.copy_(base + scale * torch.randn(p.shape, generator=g))
-    return module
-
-
 def _inputs(cfg, batch=2, size=16, seed=1):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, cfg.get("in_channels", 4), size, size, generator=g)
@@ -85,7 +75,7 @@ def _inputs(cfg, batch=2, size=16, seed=1):
 @pytest.mark.parametrize("name", DIFFUSERS_CONFIGS)
 def test_converted_diffusers_weights_give_the_same_outputs(name):
     cfg = DIFFUSERS_CONFIGS[name]
-    reference = _randomize(diffusers.UNet2DConditionModel(sample_size=16, **cfg)).eval()
+    reference = randomize(diffusers.UNet2DConditionModel(sample_size=16, **cfg)).eval()
     ours_config = unet_config_from_diffusers(reference.config)
     ours = UNet(**ours_config).eval()
     ours.load_state_dict(unet_from_diffusers(reference.state_dict(), ours_config), strict=True)
@@ -135,7 +125,7 @@ def _tiny(**overrides):
 
 def test_gradient_checkpointing_gives_the_same_gradients():
     torch.manual_seed(0)
-    model = _randomize(_tiny()).train()
+    model = randomize(_tiny()).train()
     x, t, context = torch.randn(2, 4, 8, 8), torch.tensor([10.0, 500.0]), torch.randn(2, 5, 16)
 
     def grads():
@@ -151,7 +141,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 
 def test_channels_last_gives_the_same_output():
-    model = _randomize(_tiny()).eval()
+    model = randomize(_tiny()).eval()
     x, t, context = torch.randn(2, 4, 8, 8), torch.tensor([1.0, 2.0]), torch.randn(2, 5, 16)
     with torch.no_grad():
         want = model(x, t, context)

@@ -1,0 +1,15 @@
+"""Helpers shared by test modules (importable because pyproject puts tests/ on sys.path)."""
+
+import torch
+from torch import nn
+
+
+def randomize(module: nn.Module, seed: int = 0) -> nn.Module:
+    """Every parameter random (norms too), so zero-initialised layers cannot hide a bug."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            scale = 0.2 if p.ndim == 1 else 1 / max(1, p[0].numel()) ** 0.5
+            base = 1.0 if name.endswith("weight") and p.ndim == 1 else 0.0
+            p.copy_(base + scale * torch.randn(p.shape, generator=g))
+    return module
