@@ -1,0 +1,181 @@
+"""The latent cache: a dataset encoded once by a frozen VAE (and its captions by a frozen
+text encoder), written as WebDataset shards, and read back instead of the images.
+
+Each cached sample holds the VAE posterior's ``moments`` (mean and log-variance stacked on
+the channel axis, as the encoder gives them), so training still draws a fresh latent
+``mean + std * noise`` every step, as with live encoding. ``cache.json`` beside the shards
+records the VAE config, the count, and latent statistics from which the latent scale
+factor follows (1 / ``latent_std``). Augmentation is baked in: cache a dataset without
+random flips or crops, or cache several passes of it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+from webdataset import TarWriter
+
+from ldm.data.builtin import check_split
+from ldm.data.wds import WebDatasetSource
+
+ARRAYS = ("moments", "context", "pooled")  # what a cached sample may hold, as .npy
+INFO = "cache.json"
+
+
+def _npy(array: Tensor) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array.numpy(), allow_pickle=False)
+    return buffer.getvalue()
+
+
+@torch.no_grad()
+def cache_latents(
+    dataset: Dataset,
+    vae: nn.Module,
+    out: str | Path,
+    *,
+    text_encoder: nn.Module | None = None,  # captions -> {"context", "pooled"} to store too
+    batch_size: int = 64,
+    shard_size: int = 1000,  # samples per shard
+    dtype: torch.dtype = torch.float32,  # storage precision (float16 halves the size)
+    device: str | torch.device = "cpu",
+    num_workers: int = 0,
+) -> dict[str, Any]:
+    """Encode every sample of ``dataset`` into ``out/latents-NNNNNN.tar`` + ``cache.json``.
+
+    Written into a temporary folder and renamed when complete: ``out`` never holds a half
+    cache. Returns the cache info (also in ``cache.json``).
+    """
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} is not empty; remove it or choose another folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    vae = vae.eval().to(device)
+    if text_encoder is not None:
+        text_encoder = text_encoder.eval().to(device)
+    count, shard, writer = 0, 0, None
+    mean_sum = mean_square_sum = variance_sum = 0.0
+    values = 0
+    try:
+        for batch in loader:
+            posterior = vae.encode(  # a DiagonalGaussian
+                batch["image"].to(device)
+            )
+            moments = torch.cat([posterior.mean, posterior.logvar], dim=1).float().cpu()
+            mean_sum += posterior.mean.double().sum().item()
+            mean_square_sum += posterior.mean.double().square().sum().item()
+            variance_sum += posterior.var.double().sum().item()
+            values += posterior.mean.numel()
+            text = text_encoder(list(batch["caption"])) if text_encoder is not None else {}
+            for i in range(len(moments)):
+                if writer is None or count % shard_size == 0:
+                    if writer is not None:
+                        writer.close()
+                    writer = TarWriter(str(staging / f"latents-{shard:06d}.tar"))
+                    shard += 1
+                sample = {
+                    "__key__": str(batch["key"][i]),
+                    "moments.npy": _npy(moments[i].to(dtype)),
+                    "txt": str(batch["caption"][i]).encode("utf-8"),
+                    "cls": str(int(batch["label"][i])).encode(),
+                }
+                for name in ("context", "pooled"):
+                    if name in text:
+                        sample[f"{name}.npy"] = _npy(text[name][i].detach().float().cpu().to(dtype))
+                writer.write(sample)
+                count += 1
+        if writer is not None:
+            writer.close()
+        if count == 0:
+            raise ValueError("the dataset is empty: nothing to cache")
+        mean = mean_sum / values
+        variance_of_means = mean_square_sum / values - mean * mean
+        info = {
+            "count": count,
+            "shards": shard,
+            "dtype": str(dtype).removeprefix("torch."),
+            "vae_config": getattr(vae, "config", None),
+            "text_encoder": type(text_encoder).__name__ if text_encoder is not None else None,
+            "fields": ["moments", *(f for f in ("context", "pooled") if f in text)],
+            # Statistics of z = mean + std * noise over every latent value: the scale
+            # factor that gives unit variance is 1 / latent_std.
+            "latent_mean": mean,
+            "latent_std": math.sqrt(variance_of_means + variance_sum / values),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        (staging / INFO).write_text(json.dumps(info, indent=2))
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        os.replace(staging, out)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return info
+
+
+def read_cache_info(root: str | Path) -> dict[str, Any]:
+    path = Path(root) / INFO
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no {INFO} in {root}: not a latent cache (make one with cache_latents)"
+        )
+    return json.loads(path.read_text())
+
+
+class LatentShards(WebDatasetSource):
+    """Samples of a latent cache: ``{"moments": (2C, h, w), "caption", "label", "key"}``
+    plus ``context`` / ``pooled`` when the cache holds text encodings; float32."""
+
+    def __init__(self, root: str | Path, **kwargs: Any):
+        self.info = read_cache_info(root)
+        shards = [str(Path(root) / f"latents-{i:06d}.tar") for i in range(self.info["shards"])]
+        super().__init__(shards, **kwargs)
+
+    def decode(self, item: Mapping[str, bytes]) -> dict[str, Any]:
+        sample: dict[str, Any] = {
+            "caption": item["txt"].decode("utf-8"),
+            "label": int(item["cls"].decode()),
+            "key": item["__key__"],
+        }
+        for name in ARRAYS:
+            if f"{name}.npy" in item:
+                array = np.load(io.BytesIO(item[f"{name}.npy"]), allow_pickle=False)
+                sample[name] = torch.from_numpy(array).float()
+        return sample
+
+
+def latent_cache(
+    split: str = "train",
+    *,
+    root: str | Path,  # a folder holding one latent cache per split: {root}/{split}/
+    shuffle_buffer: int = 1000,
+    resampled: bool = False,
+    samples_per_epoch: int | None = None,
+    seed: int = 0,
+) -> LatentShards:
+    """The cached latents of one split (a DataModule factory, like the image sources)."""
+    check_split(split)
+    train = split == "train"
+    return LatentShards(
+        Path(root) / split,
+        shuffle=train,
+        shuffle_buffer=shuffle_buffer,
+        resampled=resampled and train,
+        samples_per_epoch=samples_per_epoch if train else None,
+        seed=seed,
+    )
