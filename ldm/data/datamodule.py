@@ -6,20 +6,24 @@ module builds each split once, serves train / val / test loaders, and exposes
 ``dataset(split)`` for the held-out sets that FID reference statistics are computed on.
 Held-out splits are never augmented: a factory's ``flip`` is turned off and its ``crop``
 set to ``center`` for val and test.
+
+The module shards map-style sources over DDP ranks itself (run the Trainer with
+``use_distributed_sampler=False``) and saves its position in checkpoints: a run resumed
+mid-epoch continues with exactly the batches the interrupted run had not seen.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from ldm.data.builtin import check_split
-from ldm.data.transforms import BucketBatchSampler
+from ldm.data.samplers import BucketBatchSampler, ShardedSampler
 
 DatasetFactory = Callable[..., Dataset]
 
@@ -49,6 +53,8 @@ class DataModule(L.LightningDataModule):
         self.shuffle, self.drop_last, self.seed = shuffle, drop_last, seed
         self.epoch = 0
         self._datasets: dict[str, Dataset] = {}
+        self._resume: tuple[int, int] | None = None  # (epoch, batches done) from a checkpoint
+        self._train_sampler: ShardedSampler | BucketBatchSampler | None = None
 
     def dataset(self, split: str) -> Dataset:
         """The dataset of ``split`` (built once); val / test without augmentation."""
@@ -64,11 +70,23 @@ class DataModule(L.LightningDataModule):
         return self._datasets[split]
 
     def set_epoch(self, epoch: int) -> None:
-        """Reshuffle streaming sources and bucket batches for ``epoch`` (training calls it)."""
+        """Reshuffle the train split for ``epoch`` (the DataEpoch callback calls it)."""
         self.epoch = epoch
-        dataset = self._datasets.get("train")
-        if hasattr(dataset, "set_epoch"):
-            dataset.set_epoch(epoch)
+        for part in (self._datasets.get("train"), self._train_sampler):
+            if hasattr(part, "set_epoch"):
+                part.set_epoch(epoch)
+
+    def state_dict(self) -> dict[str, int]:
+        """Where training is in the data: the epoch and the batches done in it."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return {"epoch": self.epoch, "batches": 0}
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"epoch": trainer.current_epoch, "batches": int(done)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch = state["epoch"]
+        self._resume = (state["epoch"], state["batches"])
 
     def _rank(self) -> tuple[int, int]:
         trainer = getattr(self, "trainer", None)
@@ -76,20 +94,24 @@ class DataModule(L.LightningDataModule):
 
     def _loader(self, split: str, batch_size: int, train: bool) -> DataLoader:
         dataset = self.dataset(split)
-        generator = torch.Generator().manual_seed(self.seed + 1_000_003 * self.epoch)
+        rank, world_size = self._rank()
         common = dict(
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
-            persistent_workers=False,
-            generator=generator,
+            generator=torch.Generator().manual_seed(self.seed),  # workers' base seeds
         )
-        if isinstance(dataset, IterableDataset):
-            return DataLoader(
+        resume = self._resume if train else None
+        if isinstance(dataset, IterableDataset):  # shards split themselves over ranks
+            if train and hasattr(dataset, "set_epoch"):
+                dataset.set_epoch(self.epoch)
+            loader = _SkippingLoader(
                 dataset, batch_size=batch_size, drop_last=train and self.drop_last, **common
             )
+            if resume is not None:
+                loader.skip(*resume)
+            return loader
         buckets = getattr(dataset, "buckets", None)
         if buckets is not None:
-            rank, world_size = self._rank()
             sampler = BucketBatchSampler(
                 buckets,
                 batch_size,
@@ -99,15 +121,31 @@ class DataModule(L.LightningDataModule):
                 rank=rank,
                 world_size=world_size,
             )
-            sampler.set_epoch(self.epoch)
-            return DataLoader(dataset, batch_sampler=sampler, **common)
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=train and self.shuffle,
-            drop_last=train and self.drop_last,
-            **common,
-        )
+            skip_unit = 1  # the bucket sampler yields batches
+            loader = DataLoader(dataset, batch_sampler=sampler, **common)
+        else:
+            sampler = ShardedSampler(
+                len(dataset),
+                shuffle=train and self.shuffle,
+                seed=self.seed,
+                rank=rank,
+                world_size=world_size,
+                drop_tail=train,
+            )
+            skip_unit = batch_size
+            loader = DataLoader(
+                dataset,
+                batch_size=batch_size,
+                sampler=sampler,
+                drop_last=train and self.drop_last,
+                **common,
+            )
+        sampler.set_epoch(self.epoch)
+        if train:
+            self._train_sampler = sampler
+            if resume is not None:
+                sampler.skip(resume[0], resume[1] * skip_unit)
+        return loader
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", self.batch_size, train=True)
@@ -127,3 +165,21 @@ def _keywords(factory: Callable) -> set[str]:
     except (TypeError, ValueError):
         return set()
     return set(parameters)
+
+
+class _SkippingLoader(DataLoader):
+    """A DataLoader over a stream that can drop the first batches of one epoch (a resumed
+    run's done part; the stream's order is fixed by its seed and epoch)."""
+
+    _skip: tuple[int, int] | None = None
+
+    def skip(self, epoch: int, batches: int) -> None:
+        self._skip = (epoch, batches) if batches > 0 else None
+
+    def __iter__(self) -> Iterator:
+        iterator = super().__iter__()
+        epoch = getattr(self.dataset, "epoch", None)
+        if self._skip is not None and self._skip[0] == epoch:
+            for _ in range(self._skip[1]):
+                next(iterator, None)
+        return iterator

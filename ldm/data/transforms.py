@@ -10,15 +10,13 @@ shares one shape and little of each image is cropped away.
 from __future__ import annotations
 
 import math
-import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import Sampler
 
 Crop = Literal["center", "random"]
 Interpolation = Literal["bilinear", "bicubic", "lanczos", "nearest"]
@@ -107,59 +105,3 @@ def nearest_bucket(height: int, width: int, buckets: Sequence[tuple[int, int]]) 
     """The bucket whose aspect ratio is closest (in log ratio) to ``height`` x ``width``."""
     ratio = math.log(width / height)
     return min(buckets, key=lambda hw: abs(math.log(hw[1] / hw[0]) - ratio))
-
-
-class BucketBatchSampler(Sampler[list[int]]):
-    """Batches of indices that share a bucket; shuffled anew each epoch (``set_epoch``).
-
-    ``buckets[i]`` is the bucket of sample ``i``. Under DDP each rank takes every
-    ``world_size``-th batch of one shared order, and the batch count is cut to a multiple
-    of ``world_size`` so that every rank runs the same number of steps.
-    """
-
-    def __init__(
-        self,
-        buckets: Sequence[tuple[int, int]],
-        batch_size: int,
-        *,
-        shuffle: bool = True,
-        drop_last: bool = False,  # drop each bucket's last partial batch
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-    ):
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} outside a world of {world_size}")
-        self.buckets, self.batch_size, self.shuffle = list(buckets), batch_size, shuffle
-        self.drop_last, self.seed, self.rank, self.world_size = drop_last, seed, rank, world_size
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def _batches(self) -> list[list[int]]:
-        rng = random.Random(self.seed * 1_000_003 + self.epoch)
-        groups: dict[tuple[int, int], list[int]] = {}
-        for index, bucket in enumerate(self.buckets):
-            groups.setdefault(tuple(bucket), []).append(index)
-        batches = []
-        for bucket in sorted(groups):
-            indices = groups[bucket]
-            if self.shuffle:
-                rng.shuffle(indices)
-            for start in range(0, len(indices), self.batch_size):
-                batch = indices[start : start + self.batch_size]
-                if len(batch) == self.batch_size or not self.drop_last:
-                    batches.append(batch)
-        if self.shuffle:
-            rng.shuffle(batches)
-        usable = len(batches) // self.world_size * self.world_size
-        return batches[:usable][self.rank :: self.world_size]
-
-    def __iter__(self) -> Iterator[list[int]]:
-        return iter(self._batches())
-
-    def __len__(self) -> int:
-        return len(self._batches())

@@ -10,12 +10,8 @@ from PIL import Image
 
 from ldm.data.folder import FolderDataset, image_size
 from ldm.data.images import open_image, to_rgb
-from ldm.data.transforms import (
-    BucketBatchSampler,
-    ImageTransform,
-    make_buckets,
-    nearest_bucket,
-)
+from ldm.data.samplers import BucketBatchSampler
+from ldm.data.transforms import ImageTransform, make_buckets, nearest_bucket
 
 
 def test_resize_covers_then_crops_the_center():
@@ -91,3 +87,23 @@ def test_folder_buckets_give_images_of_their_bucket(tmp_path):
     for index, bucket in enumerate(data.buckets):
         assert data[index]["image"].shape[1:] == bucket
     assert data.buckets[0] == (32, 32) and data.buckets[1][1] > data.buckets[1][0]
+
+
+def test_sharded_sampler_covers_the_epoch_once_and_resumes():
+    from ldm.data.samplers import ShardedSampler
+
+    shares = [list(ShardedSampler(10, seed=3, rank=r, world_size=3)) for r in range(3)]
+    assert [len(s) for s in shares] == [3, 3, 3]  # the tail of 1 is dropped for training
+    assert len({i for s in shares for i in s}) == 9
+    held_out = [
+        list(ShardedSampler(10, shuffle=False, rank=r, world_size=3, drop_tail=False))
+        for r in range(3)
+    ]
+    assert sorted(i for s in held_out for i in s) == list(range(10))
+    sampler = ShardedSampler(10, seed=3)
+    sampler.set_epoch(2)
+    full = list(sampler)
+    sampler.skip(2, 4)
+    assert list(sampler) == full[4:] and len(sampler) == 10
+    sampler.set_epoch(3)
+    assert len(list(sampler)) == 10  # the skip belongs to epoch 2 only
