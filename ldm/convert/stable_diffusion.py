@@ -155,7 +155,7 @@ def load_diffusers_folder(path: str | Path, *, strict: bool = True) -> dict[str,
         raise FileNotFoundError(f"no unet/config.json under {root}: not a diffusers folder")
     config = unet_config_from_diffusers(json.loads((unet_dir / "config.json").read_text()))
     unet = UNet(**config)
-    weights = unet_from_diffusers(read_weights(_weights_file(unet_dir)), config)
+    weights = unet_from_diffusers(read_weights(weights_file(unet_dir)), config)
     load_into(unet, weights, strict=strict, what=str(unet_dir))
     models["unet"] = unet
     vae_dir = root / "vae"
@@ -163,13 +163,13 @@ def load_diffusers_folder(path: str | Path, *, strict: bool = True) -> dict[str,
         vae = AutoencoderKL(
             **vae_config_from_diffusers(json.loads((vae_dir / "config.json").read_text()))
         )
-        weights = vae_from_diffusers(read_weights(_weights_file(vae_dir)))
+        weights = vae_from_diffusers(read_weights(weights_file(vae_dir)))
         load_into(vae, weights, strict=strict, what=str(vae_dir))
         models["vae"] = vae
     return models
 
 
-def _weights_file(folder: Path) -> Path:
+def weights_file(folder: Path) -> Path:
     for name in (WEIGHTS_NAME, "diffusion_pytorch_model.bin"):
         if (folder / name).is_file():
             return folder / name

@@ -47,15 +47,23 @@ _OPENCLIP_TEXT_KEYS = (
 
 
 def drop_conditioning(
-    inputs: _Batch, p: float, empty: str | int, generator: torch.Generator | None = None
+    inputs: _Batch,
+    p: float,
+    empty: str | int,
+    generator: torch.Generator | None = None,
+    dropped: Tensor | None = None,
 ) -> _Batch:
     """Replace each sample of ``inputs`` (captions, or a label tensor) by ``empty`` with
-    probability ``p``; ``p = 0`` keeps every sample and ``p = 1`` drops every one, exactly."""
+    probability ``p``; ``p = 0`` keeps every sample and ``p = 1`` drops every one, exactly.
+    ``dropped``, a (B,) bool mask, names the samples to drop instead of drawing them."""
     if not 0 <= p <= 1:
         raise ValueError(f"conditioning drop probability must be in [0, 1], got {p}")
-    device = generator.device if generator is not None else "cpu"
-    # rand is in [0, 1): `< 0` never holds and `< 1` always does.
-    dropped = torch.rand(len(inputs), generator=generator, device=device) < p
+    if dropped is None:
+        device = generator.device if generator is not None else "cpu"
+        # rand is in [0, 1): `< 0` never holds and `< 1` always does.
+        dropped = torch.rand(len(inputs), generator=generator, device=device) < p
+    elif dropped.shape != (len(inputs),):
+        raise ValueError(f"dropped mask {tuple(dropped.shape)} does not fit {len(inputs)} samples")
     if isinstance(inputs, Tensor):
         return torch.where(dropped.to(inputs.device), torch.full_like(inputs, empty), inputs)
     return [empty if drop else text for text, drop in zip(inputs, dropped.tolist(), strict=True)]
@@ -80,6 +88,7 @@ class _TextConditioner(nn.Module):
     ``encode_tokens``.
     """
 
+    input_key = "caption"  # what it reads from a data batch
     tokenizer: Any  # open_clip's SimpleTokenizer: list[str] -> (B, max_length) int64
     max_length: int
     output_pooled: bool
@@ -104,10 +113,12 @@ class _TextConditioner(nn.Module):
         *,
         drop_prob: float = 0.0,
         generator: torch.Generator | None = None,
+        dropped: Tensor | None = None,
     ) -> Conditioning:
         """``{"context": (B, max_length, width)}``, with ``"pooled"`` if built with
-        ``pooled=True``; each caption becomes "" with probability ``drop_prob`` first."""
-        texts = drop_conditioning(_check_captions(texts), drop_prob, "", generator)
+        ``pooled=True``; each caption becomes "" with probability ``drop_prob`` first (or
+        where the bool mask ``dropped`` says)."""
+        texts = drop_conditioning(_check_captions(texts), drop_prob, "", generator, dropped)
         device = next(self.parameters()).device
         context, pooled = self.encode_tokens(
             self.tokenize(texts).to(device), pooled=self.output_pooled
@@ -454,6 +465,8 @@ class ClassEmbedder(nn.Module):
     ``y`` path, and the UNet needs ``num_classes=num_classes + 1`` to embed the null class.
     """
 
+    input_key = "label"  # what it reads from a data batch
+
     def __init__(
         self,
         num_classes: int,  # real classes, labelled 0 .. num_classes - 1
@@ -472,8 +485,10 @@ class ClassEmbedder(nn.Module):
         *,
         drop_prob: float = 0.0,
         generator: torch.Generator | None = None,
+        dropped: Tensor | None = None,
     ) -> Conditioning:
-        """Each label becomes the null class with probability ``drop_prob`` first."""
+        """Each label becomes the null class with probability ``drop_prob`` first (or where
+        the bool mask ``dropped`` says)."""
         if labels.ndim != 1 or labels.dtype.is_floating_point or labels.dtype == torch.bool:
             raise ValueError(
                 f"class labels must be a (B,) integer tensor, got {labels.dtype} "
@@ -484,7 +499,7 @@ class ClassEmbedder(nn.Module):
                 f"class labels must be in [0, {self.num_classes - 1}] ({self.num_classes} is "
                 f"the null class); got min {labels.min().item()}, max {labels.max().item()}"
             )
-        labels = drop_conditioning(labels.long(), drop_prob, self.num_classes, generator)
+        labels = drop_conditioning(labels.long(), drop_prob, self.num_classes, generator, dropped)
         if self.embedding is None:
             return {"y": labels}
         return {"context": self.embedding(labels)[:, None]}  # (B, 1, dim)

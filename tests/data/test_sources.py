@@ -4,7 +4,7 @@ fixed splits; clear errors; the built-in datasets' determinism and captions."""
 import numpy as np
 import pytest
 import torch
-from conftest import CONF
+from datautils import CONF
 from hydra import compose, initialize_config_dir
 from hydra.errors import MissingConfigException
 from hydra.utils import instantiate
@@ -137,7 +137,7 @@ def test_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="no images under"):
         FolderDataset(tmp_path / "empty")
     (tmp_path / "some").mkdir()
-    from conftest import shape_image
+    from datautils import shape_image
 
     shape_image(0)[0].save(tmp_path / "some" / "a.png")
     shape_image(1)[0].save(tmp_path / "some" / "b.png")

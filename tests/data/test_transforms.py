@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import random_rgb
+from datautils import random_rgb
 from PIL import Image
 
 from ldm.data.folder import FolderDataset, image_size

@@ -4,7 +4,7 @@ import io
 import tarfile
 
 import pytest
-from conftest import write_shards
+from datautils import write_shards
 from torch.utils.data import DataLoader
 
 from ldm.data.wds import WebDatasetSource, expand_shards, split_urls, webdataset

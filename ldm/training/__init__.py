@@ -1,0 +1,1 @@
+"""Training: LightningModules for the VAE and the latent diffusion model, callbacks, EMA."""

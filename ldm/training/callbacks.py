@@ -1,0 +1,238 @@
+"""Training callbacks: sample grids, the NaN / Inf guard, graceful stop on SIGTERM, the
+data epoch, and atomic checkpoint writes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from torch import Tensor
+from torchvision.utils import make_grid, save_image
+
+log = logging.getLogger(__name__)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``torch.save`` into a temporary file beside the target, then ``os.replace``: a crash
+    mid-write never leaves a truncated checkpoint where a good one was."""
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None
+    ) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(handle)
+        try:
+            torch.save(checkpoint, tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+
+class DataEpoch(L.Callback):
+    """Tells the DataModule the epoch before each train epoch (reshuffles streaming sources
+    and bucket batches)."""
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        datamodule = getattr(trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "set_epoch"):
+            datamodule.set_epoch(trainer.current_epoch)
+
+
+class NaNGuard(L.Callback):
+    """Stops training at the first non-finite loss or gradient, before the optimizer step
+    applies it, with a message naming the step and the last good checkpoint."""
+
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any
+    ) -> None:
+        loss = trainer.callback_metrics.get("train/loss")
+        bad = []
+        if loss is not None and not torch.isfinite(loss).all():
+            bad.append(f"loss {loss.item()}")
+        for name, param in pl_module.named_parameters():
+            if param.grad is not None and not torch.isfinite(param.grad).all():
+                bad.append(f"gradient of {name}")
+                break
+        if bad:
+            raise FloatingPointError(self.message(trainer, ", ".join(bad)))
+
+    @staticmethod
+    def message(trainer: L.Trainer, what: str) -> str:
+        callback = trainer.checkpoint_callback
+        last = getattr(callback, "last_model_path", "") or ""
+        where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+        return (
+            f"non-finite {what} at step {trainer.global_step}: training stopped before the "
+            f"optimizer applied it; {where}. Resume from it with a lower learning rate, "
+            "gradient clipping (trainer.gradient_clip_val) or bf16 instead of fp16."
+        )
+
+
+class StopOnSignal(L.Callback):
+    """Save ``last.ckpt`` and stop when the job is told to end, so ``resume=auto``
+    continues exactly there; under SLURM (``requeue``) the job is requeued too.
+
+    SIGTERM (preemption, ``scancel``, SLURM's time limit): Lightning notices it on every
+    rank and raises ``SIGTERMException`` before the next step; this callback then saves.
+    ``signals`` (default SIGUSR1, what ``sbatch --signal=USR1@90`` sends before the time
+    limit): the current step finishes, every rank agrees, the checkpoint is written and
+    training stops cleanly.
+    """
+
+    def __init__(self, signals: Sequence[str] = ("SIGUSR1",), requeue: bool = True):
+        self.signals = [getattr(signal, name) for name in signals]
+        self.requeue = requeue
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.received = signum
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for sig in self.signals:  # on every rank: all must stop at the same step
+            try:
+                self._previous[sig] = signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread
+                log.warning("cannot install a %s handler outside the main thread", sig)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        flag = torch.tensor(float(self.received is not None), device=trainer.strategy.root_device)
+        if trainer.strategy.reduce(flag, reduce_op="max").item() > 0:
+            self._save_and_stop(trainer, signal.Signals(self.received or signal.SIGUSR1).name)
+            trainer.should_stop = True
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        if isinstance(exception, SIGTERMException):  # the last step finished: a clean state
+            self._save_and_stop(trainer, "SIGTERM")
+
+    def _save_and_stop(self, trainer: L.Trainer, name: str) -> None:
+        callback = trainer.checkpoint_callback
+        folder = Path(callback.dirpath) if callback is not None and callback.dirpath else None
+        path = (folder or Path(trainer.default_root_dir) / "checkpoints") / "last.ckpt"
+        trainer.save_checkpoint(path)
+        log.warning("%s received: saved %s at step %d", name, path, trainer.global_step)
+        job = os.environ.get("SLURM_JOB_ID")
+        if self.requeue and job and trainer.is_global_zero:
+            subprocess.run(["scontrol", "requeue", job], check=False)
+
+
+class SampleGrid(L.Callback):
+    """Every ``every_n_steps`` (and at the end), samples fixed prompts with fixed seeds with
+    each sampler, and writes one grid (a row per prompt, a column per sampler x seed) to
+    ``<run>/samples/step_NNNNNN.png`` (legend in ``grid.json``) and to the logger. Modules
+    without ``generate`` (the VAE stage) are skipped."""
+
+    def __init__(
+        self,
+        prompts: Sequence[str | int],  # captions, or labels for class conditioning
+        samplers: Sequence[Callable[..., Tensor]],  # samplers with options bound (make_sampler)
+        *,
+        every_n_steps: int = 500,
+        seeds: Sequence[int] = (0,),
+        guidance_scale: float = 3.0,
+        folder: str | None = None,  # default: <trainer.default_root_dir>/samples
+    ):
+        if not prompts or not samplers:
+            raise ValueError("SampleGrid needs at least one prompt and one sampler")
+        self.prompts, self.seeds = list(prompts), list(seeds)
+        self.samplers = {sampler_label(s): s for s in samplers}
+        self.every_n_steps, self.guidance_scale, self.folder = every_n_steps, guidance_scale, folder
+        self._last_step = -1
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
+        step = trainer.global_step
+        if step % self.every_n_steps == 0 and step != self._last_step:
+            self.write(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_step != self._last_step:
+            self.write(trainer, pl_module)
+
+    def write(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path | None:
+        """Sample the grid now; returns its path (on rank 0)."""
+        if not hasattr(pl_module, "generate"):
+            return None
+        return self._write(trainer, pl_module)
+
+    def grid(self, pl_module: L.LightningModule) -> Tensor:
+        """(3, H, W) in [0, 1]: rows are prompts, columns are sampler x seed."""
+        inputs: Any = self.prompts
+        if all(isinstance(p, int) for p in self.prompts):
+            inputs = torch.tensor(self.prompts, device=pl_module.device)
+        columns = []
+        for sampler in self.samplers.values():
+            for seed in self.seeds:
+                images = pl_module.generate(
+                    inputs,
+                    sampler,
+                    guidance_scale=self.guidance_scale,
+                    seeds=[seed] * len(self.prompts),
+                    generator=torch.Generator(pl_module.device).manual_seed(seed),
+                )
+                columns.append(images)
+        tiles = torch.stack(columns, dim=1).flatten(0, 1)  # (prompts * columns, 3, H, W)
+        return make_grid(tiles.float().cpu() * 0.5 + 0.5, nrow=len(columns), padding=1)
+
+    def _write(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path | None:
+        self._last_step = trainer.global_step
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            grid = self.grid(pl_module)
+        finally:
+            pl_module.train(was_training)
+        if not trainer.is_global_zero:
+            return None
+        folder = Path(self.folder or Path(trainer.default_root_dir) / "samples")
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"step_{trainer.global_step:06d}.png"
+        save_image(grid, path)
+        legend = {
+            "rows": self.prompts,
+            "columns": [f"{n} seed {s}" for n in self.samplers for s in self.seeds],
+        }
+        (folder / "grid.json").write_text(json.dumps(legend, indent=2))
+        log_image(trainer, "samples", grid, path)
+        return path
+
+
+def sampler_label(sampler: Callable[..., Tensor]) -> str:
+    """``"ddim 50 steps, eta 0.5"`` for ``make_sampler("ddim", steps=50, eta=0.5)``."""
+    func = getattr(sampler, "func", sampler)
+    name = getattr(func, "__name__", type(func).__name__).removeprefix("sample_")
+    options = dict(getattr(sampler, "keywords", {}))
+    label = f"{name} {options.pop('steps')} steps" if "steps" in options else name
+    extra = [f"{k} {v}" for k, v in options.items() if k in ("eta", "spacing") and v is not None]
+    return ", ".join([label, *extra])
+
+
+def log_image(trainer: L.Trainer, key: str, image: Tensor, path: Path) -> None:
+    """An image (3, H, W) in [0, 1], already saved at ``path``, to the run's TensorBoard or
+    wandb loggers; CSV logs have no images (the file is on disk)."""
+    for logger in trainer.loggers:
+        name = type(logger).__name__
+        if name == "TensorBoardLogger":
+            logger.experiment.add_image(key, image, trainer.global_step)
+        elif name == "WandbLogger":
+            logger.log_image(key=key, images=[str(path)], step=trainer.global_step)

@@ -1,0 +1,314 @@
+"""The latent diffusion model's LightningModule (Rombach et al. 2022).
+
+A frozen VAE maps images to latents, scaled by the VAE's ``scale_factor`` (computed from
+the training data when the VAE has none); a conditioner turns captions or labels into the
+UNet's conditioning, dropped to the empty conditioning with probability
+``cond_drop_prob`` for classifier-free guidance (Ho & Salimans 2022); the UNet learns the
+``prediction`` target of the noised latents with the configured loss weighting.
+
+Every random draw of a training step (caption dropout, timestep, noise, latent sample)
+comes from a generator of its own for each sample, seeded by ``(seed, global_step, sample
+key)``: a resumed run repeats exactly what an uninterrupted one does, and a batch split over
+N ranks draws exactly what it draws in one process (DDP matches single-process training).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from ldm.diffusion.guidance import cfg
+from ldm.diffusion.objective import check_prediction, diffusion_loss, q_sample
+from ldm.diffusion.schedules import Schedule
+from ldm.models.vae import DiagonalGaussian
+from ldm.training.checkpoints import CONFIG_KEY
+from ldm.training.ema import EMA
+
+Conditioning = dict[str, Tensor]
+# The frozen VAE and the EMA copy are in eval mode on purpose.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+
+
+def step_seed(*parts: object) -> int:
+    """A 63-bit seed fixed by ``parts`` (SHA-256, the same in every process)."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "big") >> 1
+
+
+class LatentDiffusion(L.LightningModule):
+    """Trains ``unet`` (and a trainable ``conditioner``) on latents of a frozen ``vae``."""
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        conditioner: nn.Module | None = None,  # captions / labels -> UNet kwargs; None: none
+        vae: nn.Module | None = None,  # frozen; None: diffusion on the images themselves
+        *,
+        schedule: Schedule,
+        prediction: str = "eps",  # eps | x0 | v
+        loss_weighting: str = "uniform",  # uniform | min_snr
+        min_snr_gamma: float = 5.0,
+        optimizer: Callable[[Iterable[nn.Parameter]], Optimizer] | None = None,  # params -> opt
+        lr_scheduler: Callable[[Optimizer], Any] | None = None,  # a partial: opt -> scheduler
+        cond_drop_prob: float = 0.1,  # classifier-free guidance dropout
+        ema_decay: float | None = 0.9999,  # None: no EMA
+        image_size: int | Sequence[int] = 32,  # pixels of generated images
+        scale_batches: int = 8,  # batches that estimate the latent scale when unset
+        seed: int = 0,
+    ):
+        super().__init__()
+        check_prediction(prediction)
+        if not 0 <= cond_drop_prob <= 1:
+            raise ValueError(f"cond_drop_prob must be in [0, 1], got {cond_drop_prob}")
+        # Checkpoints keep plain values only (weights_only loading): no modules, no partials.
+        self.save_hyperparameters(
+            ignore=["unet", "conditioner", "vae", "schedule", "optimizer", "lr_scheduler"]
+        )
+        self.make_optimizer, self.make_lr_scheduler = optimizer, lr_scheduler
+        self.networks = nn.ModuleDict({"unet": unet})
+        if conditioner is not None:
+            self.networks["conditioner"] = conditioner
+        self.vae = vae.eval().requires_grad_(False) if vae is not None else None
+        self.schedule = schedule
+        # EMA of the parts that train (a frozen text tower is not copied).
+        self.ema = EMA(self._trainable(), ema_decay) if ema_decay is not None else None
+        self._ema_step = -1
+        size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        self.image_size = size
+
+    # ----------------------------------------------------------------- parts
+
+    @property
+    def unet(self) -> nn.Module:
+        return self.networks["unet"]
+
+    @property
+    def conditioner(self) -> nn.Module | None:
+        return self.networks["conditioner"] if "conditioner" in self.networks else None  # noqa: SIM401 (ModuleDict has no get)
+
+    def _trainable(self) -> nn.ModuleDict:
+        return nn.ModuleDict(
+            {k: m for k, m in self.networks.items() if any(p.requires_grad for p in m.parameters())}
+        )
+
+    def sampling_networks(self) -> nn.ModuleDict:
+        """The EMA weights of the trained parts when kept, the frozen parts as they are."""
+        if self.ema is None:
+            return self.networks
+        return nn.ModuleDict({**self.networks, **self.ema.average})
+
+    def train(self, mode: bool = True) -> LatentDiffusion:
+        super().train(mode)
+        if self.vae is not None:
+            self.vae.eval()  # frozen: no dropout, ever
+        return self
+
+    # ----------------------------------------------------------------- latents
+
+    def latents(self, batch: Mapping[str, Any], generators: Sequence[torch.Generator]) -> Tensor:
+        """The batch's scaled latents: one fresh sample of each VAE posterior (from the
+        cached ``moments`` when present), or the images themselves without a VAE."""
+        if self.vae is None:
+            return batch["image"]
+        if "moments" in batch:
+            posterior = DiagonalGaussian(batch["moments"])
+        else:
+            with torch.no_grad():
+                posterior = self.vae.encode(batch["image"])
+        noise = _randn(generators, posterior.mean.shape[1:], posterior.mean)
+        return self.vae.scale_latents(posterior.mean + posterior.std * noise)
+
+    def on_fit_start(self) -> None:
+        """Set the VAE's latent scale from the data when it has none: 1 / std of the
+        latents over ``scale_batches`` train batches (averaged over ranks)."""
+        if self.vae is None or self.vae.scale_factor is not None:
+            return
+        loader = self.trainer.datamodule.train_dataloader()
+        total, square, count = 0.0, 0.0, 0
+        with torch.no_grad():
+            for index, batch in enumerate(loader):
+                if index == self.hparams.scale_batches:
+                    break
+                batch = self.transfer_batch_to_device(batch, self.device, 0)
+                if "moments" in batch:
+                    posterior = DiagonalGaussian(batch["moments"])
+                else:
+                    posterior = self.vae.encode(batch["image"])
+                noise = _randn(
+                    self._generators(batch["key"], "scale"),
+                    posterior.mean.shape[1:],
+                    posterior.mean,
+                )
+                z = posterior.mean + posterior.std * noise
+                total += z.double().sum().item()
+                square += z.double().square().sum().item()
+                count += z.numel()
+        stats = torch.tensor([total, square, count], dtype=torch.float64, device=self.device)
+        stats = self.trainer.strategy.reduce(stats, reduce_op="sum")
+        mean = stats[0] / stats[2]
+        std = (stats[1] / stats[2] - mean * mean).sqrt().item()
+        self.vae.scale_factor = 1.0 / std
+        self.print(f"latent scale_factor set from the data: 1 / {std:.5f} = {1 / std:.5f}")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CONFIG_KEY] = getattr(self, "run_config", None)  # set by train.py
+        if self.vae is not None:
+            checkpoint["vae_config"] = dict(self.vae.config)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.vae is not None and "vae_config" in checkpoint:
+            self.vae.scale_factor = checkpoint["vae_config"]["scale_factor"]
+            self.vae.shift_factor = checkpoint["vae_config"]["shift_factor"]
+
+    # ----------------------------------------------------------------- conditioning
+
+    def condition(
+        self,
+        batch: Mapping[str, Any],
+        *,
+        networks: nn.ModuleDict | None = None,
+        dropped: Tensor | None = None,
+    ) -> Conditioning:
+        """UNet kwargs for the batch; ``dropped`` (B,) bool: samples that get the empty
+        conditioning. Cached ``context`` / ``pooled`` are used as they are."""
+        conditioner = (networks or self.networks)["conditioner"] if self.conditioner else None
+        if conditioner is None:
+            return {}
+        cached = {k: batch[k] for k in ("context", "pooled") if k in batch}
+        if not cached:
+            return conditioner(batch[conditioner.input_key], dropped=dropped)
+        if dropped is None:
+            return cached
+        empty = conditioner.empty(1)
+        return {
+            k: torch.where(dropped.to(v.device).view(-1, *[1] * (v.ndim - 1)), empty[k], v)
+            for k, v in cached.items()
+        }
+
+    # ----------------------------------------------------------------- training
+
+    def _generators(self, keys: Sequence[str], *tag: object) -> list[torch.Generator]:
+        """One generator per sample, seeded by (seed, *tag, its key)."""
+        seed = self.hparams.seed
+        return [
+            torch.Generator(self.device).manual_seed(step_seed(seed, *tag, key)) for key in keys
+        ]
+
+    def loss(
+        self,
+        batch: Mapping[str, Any],
+        generators: Sequence[torch.Generator],
+        networks: nn.ModuleDict,
+        drop_prob: float,
+    ) -> Tensor:
+        """The diffusion loss of a batch; each sample's draws come from its generator."""
+        device, steps = self.device, self.schedule.num_train_timesteps
+        dropped = torch.stack([torch.rand((), generator=g, device=device) for g in generators])
+        t = torch.stack(
+            [torch.randint(0, steps, (), generator=g, device=device) for g in generators]
+        )
+        x0 = self.latents(batch, generators)
+        noise = _randn(generators, x0.shape[1:], x0)
+        cond = self.condition(batch, networks=networks, dropped=(dropped < drop_prob).cpu())
+        alpha_bar = self.schedule.alphas_cumprod.to(device)[t]
+        x_t = q_sample(x0, noise, alpha_bar)
+        output = networks["unet"](x_t, t.to(x0.dtype), **cond)
+        return diffusion_loss(
+            output,
+            x0,
+            noise,
+            alpha_bar,
+            prediction=self.hparams.prediction,
+            weighting=self.hparams.loss_weighting,
+            gamma=self.hparams.min_snr_gamma,
+        )
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
+        generators = self._generators(batch["key"], "train", self.global_step)
+        loss = self.loss(batch, generators, self.networks, self.hparams.cond_drop_prob)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["key"]))
+        return loss
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
+        """The loss of the sampling weights (EMA when kept), with fixed noise per sample."""
+        generators = self._generators(batch["key"], "val")
+        loss = self.loss(batch, generators, self.sampling_networks(), 0.0)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(batch["key"]))
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """One EMA update per optimizer step (global_step counts those)."""
+        if self.ema is not None and self.global_step != self._ema_step:
+            self._ema_step = self.global_step
+            self.ema.update(self._trainable())
+
+    def configure_optimizers(self) -> Any:
+        if self.make_optimizer is None:
+            raise ValueError("LatentDiffusion was built without an optimizer: it cannot train")
+        params = [p for p in self.networks.parameters() if p.requires_grad]
+        optimizer = self.make_optimizer(params)
+        if self.make_lr_scheduler is None:
+            return optimizer
+        scheduler = self.make_lr_scheduler(optimizer)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+    # ----------------------------------------------------------------- sampling
+
+    @torch.no_grad()
+    def generate(
+        self,
+        inputs: Sequence[str] | Tensor | int,  # captions, labels, or a count (unconditional)
+        sampler: Callable[..., Tensor],  # a sampler with its options bound (make_sampler)
+        *,
+        guidance_scale: float = 1.0,
+        guidance_rescale: float = 0.0,
+        seeds: Sequence[int] | None = None,  # one per sample: its starting noise
+        generator: torch.Generator | None = None,  # for stochastic samplers' noise
+        networks: nn.ModuleDict | None = None,  # default: the EMA weights when kept
+    ) -> Tensor:
+        """Images (B, 3, H, W) in [-1, 1]. Sample i starts from noise seeded by seeds[i], so
+        it does not depend on what else is in the batch (deterministic samplers)."""
+        networks = networks or self.sampling_networks()
+        count = inputs if isinstance(inputs, int) else len(inputs)
+        seeds = list(range(count)) if seeds is None else list(seeds)
+        if len(seeds) != count:
+            raise ValueError(f"{len(seeds)} seeds for {count} samples")
+        if self.vae is not None:
+            f = self.vae.downsample_factor
+            shape = (self.vae.latent_channels, self.image_size[0] // f, self.image_size[1] // f)
+        else:
+            shape = (self.unet.in_channels, *self.image_size)
+        x_T = torch.stack(
+            [torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]
+        ).to(self.device)
+        model: Callable[[Tensor, Tensor], Tensor] = networks["unet"]
+        if self.conditioner is not None and not isinstance(inputs, int):
+            cond = self.condition({self.conditioner.input_key: inputs}, networks=networks)
+            uncond = networks["conditioner"].empty(1)
+            model = cfg(networks["unet"], cond, uncond, guidance_scale, rescale=guidance_rescale)
+        z = sampler(
+            model,
+            x_T,
+            self.schedule,
+            prediction=self.hparams.prediction,
+            generator=generator,
+        )
+        if self.vae is None:
+            return z.clamp(-1, 1)
+        return self.vae.decode(self.vae.unscale_latents(z)).clamp(-1, 1)
+
+
+def _randn(generators: Sequence[torch.Generator], shape: Sequence[int], like: Tensor) -> Tensor:
+    """(B, *shape) standard normal noise, sample i drawn from generators[i]."""
+    return torch.stack(
+        [torch.randn(shape, generator=g, device=like.device, dtype=like.dtype) for g in generators]
+    )

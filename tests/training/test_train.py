@@ -1,0 +1,260 @@
+"""train.py and sample.py end to end on tiny settings: both stages, sampling, exact resume,
+the NaN guard, SIGTERM, every config, a multirun, and DDP against one process."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import lightning as L
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from trainutils import CONF, ROOT, TINY, TINY_SHAPES, compose_train
+
+from ldm.training.checkpoints import CONFIG_KEY, load_checkpoint, load_vae
+from ldm.training.generate import sample
+from ldm.training.run import build, train
+
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def vae_checkpoint(tmp_path_factory):
+    run = tmp_path_factory.mktemp("vae")
+    train(compose_train(run, "task=vae", "task.discriminator.base_channels=8"), run)
+    return run / "checkpoints" / "last.ckpt"
+
+
+def test_vae_stage_runs_and_writes_what_it_should(vae_checkpoint):
+    run = vae_checkpoint.parents[1]
+    assert {p.name for p in (run / "checkpoints").iterdir()} >= {"last.ckpt", "step_000004.ckpt"}
+    assert sorted(p.name for p in (run / "reconstructions").iterdir())[-1] == "step_000004.png"
+    assert "val/rec_loss" in (run / "csv" / "metrics.csv").read_text().splitlines()[0]
+    state = load_checkpoint(vae_checkpoint)  # weights_only: nothing but tensors and values
+    assert state["global_step"] == 4 and "task_name: vae" in state[CONFIG_KEY]
+    vae = load_vae(vae_checkpoint)
+    assert vae.config["base_channels"] == 16 and not vae.training
+
+
+def test_ldm_stage_and_sample(vae_checkpoint, tmp_path):
+    run = tmp_path / "ldm"
+    cfg = compose_train(
+        run, f"vae_checkpoint={vae_checkpoint}", "callbacks.samples.every_n_steps=2"
+    )
+    trainer = train(cfg, run)
+    module = trainer.lightning_module
+    assert module.vae.scale_factor is not None  # computed from the data
+    assert sorted(p.name for p in (run / "samples").glob("*.png")) == [
+        "step_000002.png",
+        "step_000004.png",
+    ]
+    legend = json.loads((run / "samples" / "grid.json").read_text())
+    assert legend["columns"] == [
+        "ddpm 2 steps, spacing trailing seed 0",
+        "ddim 2 steps, spacing trailing, eta 0.0 seed 0",
+    ]
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        scfg = compose(
+            "sample",
+            overrides=[
+                f"checkpoint={run / 'checkpoints' / 'last.ckpt'}",
+                "prompts=[a red circle]",
+                f"prompts_file={_prompts(tmp_path)}",
+                "num_per_prompt=2",
+                "sampler=dpmpp_2m",
+                "sampler.steps=3",
+                "batch_size=3",
+            ],
+        )
+    paths = sample(scfg, tmp_path / "samples")
+    assert len(paths) == 4 and (tmp_path / "samples" / "grid.png").is_file()
+    settings = json.loads((tmp_path / "samples" / "settings.json").read_text())
+    assert [i["seed"] for i in settings["images"]] == [0, 1, 0, 1]
+    assert settings["images"][2]["prompt"] == "a blue square"
+    # The same seed and prompt give the same image, whatever the batch around it.
+    scfg.batch_size = 1
+    again = sample(scfg, tmp_path / "again")
+    for a, b in zip(paths, again, strict=True):
+        assert a.read_bytes() == b.read_bytes()
+
+
+def _prompts(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("a blue square\n\n")
+    return path
+
+
+def _weights(path):
+    state = load_checkpoint(path)
+    return state, {
+        k: v for k, v in state["state_dict"].items() if k.startswith(("networks.", "ema."))
+    }
+
+
+class _Signal(L.Callback):
+    """Sends this process SIGTERM at one step, as a cluster would."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_resume_after_sigterm_is_exact(vae_checkpoint, tmp_path):
+    # 64 samples / batch 4 = 16 batches an epoch: 20 steps cross an epoch boundary, and the
+    # interruption at step 7 falls mid-epoch.
+    common = [
+        f"vae_checkpoint={vae_checkpoint}",
+        "trainer.max_steps=20",
+        "trainer.val_check_interval=5",
+        "task.lr_scheduler.total_steps=20",
+        "callbacks.checkpoint.every_n_train_steps=5",
+    ]
+    train(compose_train(tmp_path / "whole", *common), tmp_path / "whole")
+    cut = tmp_path / "cut"
+    cfg = compose_train(cut, *common)
+    module, data, trainer = build(cfg, cut)
+    trainer.callbacks.append(_Signal(7))
+    with pytest.raises(SIGTERMException):  # Lightning's reaction: stop before step 8
+        trainer.fit(module, datamodule=data)
+    assert (
+        trainer.global_step == 7
+        and load_checkpoint(cut / "checkpoints" / "last.ckpt")["global_step"] == 7
+    )
+    train(compose_train(cut, *common, "resume=auto"), cut)
+
+    whole, whole_weights = _weights(tmp_path / "whole" / "checkpoints" / "last.ckpt")
+    resumed, resumed_weights = _weights(cut / "checkpoints" / "last.ckpt")
+    assert resumed["global_step"] == whole["global_step"] == 20
+    assert whole_weights.keys() == resumed_weights.keys() and any(
+        k.startswith("ema.") for k in whole_weights
+    )
+    for key, value in whole_weights.items():
+        torch.testing.assert_close(resumed_weights[key], value, rtol=0, atol=1e-6, msg=key)
+    lr = [s["_last_lr"] for s in (whole["lr_schedulers"][0], resumed["lr_schedulers"][0])]
+    assert lr[0] == lr[1]
+
+
+class _Poison(L.Callback):
+    """Turns one batch's images into NaN."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            batch["image"].fill_(float("nan"))
+
+
+def test_nan_guard_stops_and_leaves_a_resumable_checkpoint(vae_checkpoint, tmp_path):
+    cfg = compose_train(tmp_path, f"vae_checkpoint={vae_checkpoint}", "trainer.max_steps=8")
+    module, data, trainer = build(cfg, tmp_path)
+    trainer.callbacks.append(_Poison(5))
+    with pytest.raises(
+        FloatingPointError,
+        match=r"non-finite loss nan.* at step 5.*last good checkpoint is .*last.ckpt",
+    ):
+        trainer.fit(module, datamodule=data)
+    state = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    assert state["global_step"] == 4
+    assert all(
+        torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point()
+    )
+    trainer = train(
+        compose_train(tmp_path, f"vae_checkpoint={vae_checkpoint}", "trainer.max_steps=8"), tmp_path
+    )
+    assert trainer.global_step == 8
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_builds(experiment, tmp_path):
+    cfg = compose_train(tmp_path, f"experiment={experiment}", tiny=False)
+    module, data, trainer = build(cfg, tmp_path)
+    assert isinstance(module, L.LightningModule) and isinstance(trainer, L.Trainer)
+    assert data.dataset("train")[0]["image"].ndim == 3
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "trainer=ddp_cpu",
+        "logger=tensorboard",
+        "logger=wandb",
+        "task=vae",
+        "data=digits",
+        "data=photos",
+    ],
+)
+def test_config_options_build(override, tmp_path):
+    if override.startswith("data="):  # the tiny shapes settings do not apply
+        rest = [o for o in TINY if o not in TINY_SHAPES]
+        cfg = compose_train(tmp_path, *rest, override, "data.dataset.size=16", tiny=False)
+    else:
+        cfg = compose_train(tmp_path, override)
+    *_, trainer = build(cfg, tmp_path)
+    assert trainer.max_steps == 4
+    if override == "logger=wandb":
+        assert trainer.loggers[1]._offline  # no account here: offline
+
+
+@pytest.mark.parametrize("trainer", ["gpu", "ddp", "fsdp"], ids=lambda t: f"trainer-{t}")
+def test_gpu_trainer_configs_compose(trainer, tmp_path):
+    cfg = compose_train(tmp_path, f"trainer={trainer}")
+    assert cfg.trainer.accelerator == "gpu" and cfg.trainer.precision == "bf16-mixed"
+
+
+def _run_cli(tmp_path, *args, timeout=300):
+    env = {
+        **os.environ,
+        "LDM_OUTPUT_DIR": str(tmp_path),
+        "WANDB_MODE": "offline",
+        "PYTHONWARNINGS": "ignore",
+    }
+    flags = [a for a in args if a.startswith("-")]  # -m first: Hydra's flags precede overrides
+    overrides = [a for a in args if not a.startswith("-")]
+    command = [sys.executable, str(ROOT / "train.py"), *flags, *TINY, *overrides]
+    done = subprocess.run(
+        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def test_multirun_makes_one_directory_per_run(tmp_path):
+    _run_cli(
+        tmp_path,
+        "-m",
+        "name=sweep",
+        "task=vae",
+        "trainer.max_steps=2",
+        "task.optimizer.lr=1e-3,2e-3",
+    )
+    runs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir())
+    assert [p.name for p in runs] == ["0", "1"]
+    for run, lr in zip(runs, ("0.001", "0.002"), strict=True):
+        assert (run / "checkpoints" / "last.ckpt").is_file()
+        assert f"task.optimizer.lr={lr}" in (run / ".hydra" / "overrides.yaml").read_text()
+        assert f"lr: {lr}" in (run / ".hydra" / "config.yaml").read_text()
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes_matches_one_process(vae_checkpoint, tmp_path):
+    common = [
+        f"vae_checkpoint={vae_checkpoint}",
+        "trainer.max_steps=3",
+        "trainer.val_check_interval=3",
+        "task.ema_decay=null",
+        "trainer.gradient_clip_val=null",
+    ]
+    _run_cli(tmp_path, "name=single", "data.batch_size=8", *common)
+    _run_cli(tmp_path, "name=ddp", "trainer=ddp_cpu", "data.batch_size=4", *common)
+    _, single = _weights(tmp_path / "single" / "checkpoints" / "last.ckpt")
+    _, ddp = _weights(tmp_path / "ddp" / "checkpoints" / "last.ckpt")
+    for key, value in single.items():
+        torch.testing.assert_close(ddp[key], value, rtol=1e-4, atol=1e-5, msg=key)
