@@ -16,7 +16,9 @@ PRIMARY = sorted(p.stem for p in CONF.glob("*.yaml"))
 GROUP_OPTIONS = sorted(
     (str(p.parent.relative_to(CONF)), p.stem)
     for p in CONF.rglob("*/*.yaml")
-    if p.relative_to(CONF).parts[0] != "hydra"
+    # hydra/ plugs into Hydra itself; experiment/ needs train.yaml around it (both are
+    # composed and built in tests/training).
+    if p.relative_to(CONF).parts[0] not in ("hydra", "experiment")
 )
 
 

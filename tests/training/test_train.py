@@ -32,7 +32,7 @@ def test_vae_stage_runs_and_writes_what_it_should(vae_checkpoint):
     run = vae_checkpoint.parents[1]
     assert {p.name for p in (run / "checkpoints").iterdir()} >= {"last.ckpt", "step_000004.ckpt"}
     assert sorted(p.name for p in (run / "reconstructions").iterdir())[-1] == "step_000004.png"
-    assert "val/rec_loss" in (run / "csv" / "metrics.csv").read_text().splitlines()[0]
+    assert "val/rec_loss" in (run / "csv" / "version_0" / "metrics.csv").read_text().splitlines()[0]
     state = load_checkpoint(vae_checkpoint)  # weights_only: nothing but tensors and values
     assert state["global_step"] == 4 and "task_name: vae" in state[CONFIG_KEY]
     vae = load_vae(vae_checkpoint)
