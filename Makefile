@@ -4,14 +4,25 @@ PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?= -n 2
 
-.PHONY: quickstart test lint format clean
+.PHONY: quickstart study test lint format clean
 
 $(STAMP): pyproject.toml
 	test -x $(PYTHON) || python3 -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-quickstart: $(STAMP)  ## sampler study on analytic data: table + plots under outputs/study/
+QUICK := $(or $(LDM_OUTPUT_DIR),outputs)/quickstart
+
+quickstart: $(STAMP)  ## tiny VAE + latent diffusion on the built-in shapes, then DDPM vs DDIM grids
+	$(PYTHON) train.py experiment=shapes_vae name=quickstart/vae trainer.max_steps=1000
+	test -f $(QUICK)/latents/val/cache.json || $(PYTHON) -m ldm.data.latents \
+		$(QUICK)/vae/checkpoints/last.ckpt $(QUICK)/latents --data shapes --splits train val
+	$(PYTHON) train.py experiment=shapes_ldm name=quickstart/ldm data=latents \
+		data.dataset.root=$(QUICK)/latents trainer.max_steps=1500
+	@echo "samples (rows: prompts; columns: DDPM 100 steps, DDIM 50 steps x 2 seeds):"
+	@ls $(QUICK)/ldm/samples/*.png
+
+study: $(STAMP)  ## sampler study on analytic data: table + plots under outputs/study/
 	$(PYTHON) study.py
 
 test: $(STAMP) lint  ## lint, then the whole test suite

@@ -16,8 +16,10 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor
+from torch.nn.utils import get_total_norm
 from torchvision.utils import make_grid, save_image
 
 log = logging.getLogger(__name__)
@@ -42,6 +44,22 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 os.remove(tmp)
 
 
+class Checkpoint(ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint`` (``last.ckpt`` + top-k), which also writes
+    ``last.ckpt`` when training ends between two periodic saves, so the final steps are
+    never lost."""
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        if not self.save_last or self.dirpath is None or trainer.sanity_checking:
+            return
+        path = Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
+        if self._last_global_step_saved != trainer.global_step or not path.exists():
+            trainer.save_checkpoint(path, weights_only=False)
+            self.last_model_path = str(path)
+            self._last_global_step_saved = trainer.global_step
+
+
 class DataEpoch(L.Callback):
     """Tells the DataModule the epoch before each train epoch (reshuffles streaming sources
     and bucket batches)."""
@@ -63,10 +81,11 @@ class NaNGuard(L.Callback):
         bad = []
         if loss is not None and not torch.isfinite(loss).all():
             bad.append(f"loss {loss.item()}")
-        for name, param in pl_module.named_parameters():
-            if param.grad is not None and not torch.isfinite(param.grad).all():
-                bad.append(f"gradient of {name}")
-                break
+        named = [(n, p.grad) for n, p in pl_module.named_parameters() if p.grad is not None]
+        # One reduction (one device sync): the total norm is finite iff every gradient is.
+        if named and not torch.isfinite(get_total_norm([g for _, g in named])):
+            name = next(n for n, g in named if not torch.isfinite(g).all())
+            bad.append(f"gradient of {name}")
         if bad:
             raise FloatingPointError(self.message(trainer, ", ".join(bad)))
 
@@ -130,7 +149,7 @@ class StopOnSignal(L.Callback):
         callback = trainer.checkpoint_callback
         folder = Path(callback.dirpath) if callback is not None and callback.dirpath else None
         path = (folder or Path(trainer.default_root_dir) / "checkpoints") / "last.ckpt"
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)
         log.warning("%s received: saved %s at step %d", name, path, trainer.global_step)
         job = os.environ.get("SLURM_JOB_ID")
         if self.requeue and job and trainer.is_global_zero:

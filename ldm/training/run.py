@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
+from ldm.data.latents import fingerprint, read_cache_info
 from ldm.training.callbacks import AtomicCheckpointIO
 from ldm.training.checkpoints import load_vae, resolve_resume
+
+log = logging.getLogger(__name__)
 
 
 def build(
@@ -20,10 +25,8 @@ def build(
     L.seed_everything(cfg.seed, workers=True)
     data = instantiate(cfg.data)
     parts = {}
-    if cfg.task_name == "ldm":  # the frozen VAE: a trained one, else the preset untrained
-        parts["vae"] = (
-            load_vae(cfg.vae_checkpoint) if cfg.vae_checkpoint else instantiate(cfg.model.vae)
-        )
+    if cfg.task_name == "ldm":
+        parts["vae"] = frozen_vae(cfg)
     module = instantiate(cfg.task, **parts)
     module.run_config = OmegaConf.to_yaml(cfg, resolve=True)  # saved in every checkpoint
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
@@ -36,6 +39,41 @@ def build(
         plugins=[AtomicCheckpointIO()],
     )
     return module, data, trainer
+
+
+def frozen_vae(cfg: DictConfig) -> nn.Module:
+    """The diffusion stage's VAE: ``vae_checkpoint``; else, training from a latent cache,
+    the VAE that made the cache (recorded in it); else the ``model/vae`` preset untrained,
+    with a warning (only tests want that)."""
+    path = cfg.vae_checkpoint
+    cache = _latent_cache_info(cfg)
+    if path is None and cache is not None:
+        path = cache.get("vae_source")
+        if path is None:
+            raise ValueError(
+                "this latent cache does not say which VAE made it: give vae_checkpoint="
+            )
+        log.info("vae_checkpoint: %s (the VAE that made the latent cache)", path)
+    if path is None:
+        log.warning(
+            "training latent diffusion on an UNTRAINED VAE (the model/vae preset): give "
+            "vae_checkpoint=<a trained VAE> for anything but tests"
+        )
+        return instantiate(cfg.model.vae)
+    vae = load_vae(path)
+    if cache is not None and cache.get("vae_fingerprint") not in (None, fingerprint(vae)):
+        raise ValueError(
+            f"vae_checkpoint {path} is not the VAE that made the latent cache (its weights "
+            "differ): its latents would decode to nonsense. Use that VAE or re-cache."
+        )
+    return vae
+
+
+def _latent_cache_info(cfg: DictConfig) -> dict | None:
+    dataset = cfg.data.get("dataset", {})
+    if not str(dataset.get("_target_", "")).endswith("latent_cache"):
+        return None
+    return read_cache_info(Path(dataset.root) / "train")
 
 
 def train(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from trainutils import CONF, ROOT, TINY, TINY_SHAPES, compose_train
+from trainutils import CONF, ROOT, TINY, TINY_ANY_DATA, compose_train
 
 from ldm.training.checkpoints import CONFIG_KEY, load_checkpoint, load_vae
 from ldm.training.generate import sample
@@ -86,6 +86,27 @@ def _prompts(tmp_path):
     path = tmp_path / "prompts.txt"
     path.write_text("a blue square\n\n")
     return path
+
+
+def test_latent_cache_brings_its_vae(vae_checkpoint, tmp_path):
+    from ldm.data.builtin import ShapesDataset
+    from ldm.data.latents import cache_latents
+
+    vae = load_vae(vae_checkpoint)
+    for split in ("train", "val"):
+        data = ShapesDataset(split, size=16, num_samples=[16, 8, 8])
+        cache_latents(data, vae, tmp_path / "cache" / split, vae_source=str(vae_checkpoint))
+    overrides = ["data=latents", f"data.dataset.root={tmp_path / 'cache'}"]
+    cfg = compose_train(tmp_path / "run", *TINY_ANY_DATA, *overrides, tiny=False)
+    module, _, _ = build(cfg, tmp_path / "run")
+    assert torch.equal(module.vae.decoder.conv_out.weight, vae.decoder.conv_out.weight)
+    other = tmp_path / "other.ckpt"
+    state = load_checkpoint(vae_checkpoint)
+    state["state_dict"]["vae.decoder.conv_out.bias"] += 1
+    torch.save(state, other)
+    with pytest.raises(ValueError, match="is not the VAE that made the latent cache"):
+        overrides.append(f"vae_checkpoint={other}")
+        build(compose_train(tmp_path / "run", *TINY_ANY_DATA, *overrides, tiny=False), tmp_path)
 
 
 def _weights(path):
@@ -193,14 +214,23 @@ def test_every_experiment_builds(experiment, tmp_path):
 )
 def test_config_options_build(override, tmp_path):
     if override.startswith("data="):  # the tiny shapes settings do not apply
-        rest = [o for o in TINY if o not in TINY_SHAPES]
-        cfg = compose_train(tmp_path, *rest, override, "data.dataset.size=16", tiny=False)
+        cfg = compose_train(tmp_path, *TINY_ANY_DATA, override, "data.dataset.size=16", tiny=False)
     else:
         cfg = compose_train(tmp_path, override)
     *_, trainer = build(cfg, tmp_path)
     assert trainer.max_steps == 4
     if override == "logger=wandb":
         assert trainer.loggers[1]._offline  # no account here: offline
+
+
+def test_wandb_runs_offline_without_an_account(tmp_path):
+    trainer = train(
+        compose_train(tmp_path, "task=vae", "logger=wandb", "trainer.max_steps=2"), tmp_path
+    )
+    assert trainer.loggers[1]._offline
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))
+    assert (tmp_path / "csv" / "version_0" / "metrics.csv").is_file()  # CSV always
 
 
 @pytest.mark.parametrize("trainer", ["gpu", "ddp", "fsdp"], ids=lambda t: f"trainer-{t}")
@@ -232,13 +262,14 @@ def test_multirun_makes_one_directory_per_run(tmp_path):
         "-m",
         "name=sweep",
         "task=vae",
-        "trainer.max_steps=2",
+        "trainer.max_steps=3",
         "task.optimizer.lr=1e-3,2e-3",
     )
     runs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir())
     assert [p.name for p in runs] == ["0", "1"]
     for run, lr in zip(runs, ("0.001", "0.002"), strict=True):
-        assert (run / "checkpoints" / "last.ckpt").is_file()
+        # Saved every 2 steps, and at the end: the final step is never lost.
+        assert load_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == 3
         assert f"task.optimizer.lr={lr}" in (run / ".hydra" / "overrides.yaml").read_text()
         assert f"lr: {lr}" in (run / ".hydra" / "config.yaml").read_text()
 

@@ -53,3 +53,6 @@ def compose_train(run_dir: Path, *overrides: str, tiny: bool = True) -> DictConf
     with open_dict(cfg):
         del cfg["hydra"]
     return cfg
+
+
+TINY_ANY_DATA = [o for o in TINY if o not in TINY_SHAPES]  # for data sources other than shapes
