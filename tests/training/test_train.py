@@ -39,6 +39,41 @@ def test_vae_stage_runs_and_writes_what_it_should(vae_checkpoint):
     assert vae.config["base_channels"] == 16 and not vae.training
 
 
+def test_vae_stage_with_the_discriminator(tmp_path):
+    overrides = ["task.disc_start=2", "task.discriminator.base_channels=8"]
+    cfg = compose_train(tmp_path, "task=vae", *overrides, "task.discriminator.layers=2")
+    trainer = train(cfg, tmp_path)
+    header = (tmp_path / "csv" / "version_0" / "metrics.csv").read_text().splitlines()[0]
+    assert {"train/d_loss", "train/g_loss", "train/d_weight"} <= set(header.split(","))
+    assert trainer.global_step == 4  # two steps alone, then the discriminator too: 2 + 2 x 1
+
+
+def test_sample_from_a_stable_diffusion_single_file(tmp_path):
+    from ldm.convert.checkpoint import save_safetensors
+    from ldm.models.unet import UNet
+    from ldm.models.vae import AutoencoderKL
+
+    unet = UNet(model_channels=32, channel_multipliers=[1], attention_levels=[0], context_dim=128)
+    vae = AutoencoderKL(base_channels=32, channel_multipliers=[1, 2], blocks_per_level=1)
+    state = {f"model.diffusion_model.{k}": v for k, v in unet.state_dict().items()}
+    state |= {f"first_stage_model.{k}": v for k, v in vae.state_dict().items()}
+    save_safetensors(tmp_path / "sd.safetensors", state)
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(
+            "sample",
+            overrides=[
+                f"checkpoint={tmp_path / 'sd.safetensors'}",
+                "model/conditioner=text_tiny",
+                "prompts=[a photo]",
+                "num_per_prompt=1",
+                "image_size=16",
+                "sampler.steps=2",
+            ],
+        )
+    paths = sample(cfg, tmp_path / "out")
+    assert len(paths) == 1 and (tmp_path / "out" / "grid.png").is_file()
+
+
 def test_ldm_stage_and_sample(vae_checkpoint, tmp_path):
     run = tmp_path / "ldm"
     cfg = compose_train(
@@ -231,6 +266,13 @@ def test_wandb_runs_offline_without_an_account(tmp_path):
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))
     assert (tmp_path / "csv" / "version_0" / "metrics.csv").is_file()  # CSV always
+
+
+def test_slurm_launcher_config_composes(tmp_path):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
+    assert cfg.hydra.launcher.signal_delay_s == 90
 
 
 @pytest.mark.parametrize("trainer", ["gpu", "ddp", "fsdp"], ids=lambda t: f"trainer-{t}")
