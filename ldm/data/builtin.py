@@ -15,7 +15,6 @@ Every sample is ``{"image": (3, H, W) in [-1, 1], "caption": str, "label": int, 
 from __future__ import annotations
 
 import functools
-import hashlib
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -27,6 +26,7 @@ from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
 from ldm.data.transforms import Crop, ImageTransform
+from ldm.seeding import stable_fraction
 
 SPLITS = ("train", "val", "test")
 Sample = dict  # {"image": Tensor, "caption": str, "label": int, "key": str}
@@ -36,12 +36,6 @@ def check_split(split: str) -> str:
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
     return split
-
-
-def stable_fraction(*parts: object) -> float:
-    """A number in [0, 1) fixed by ``parts`` alone (SHA-256; no process-seeded hash())."""
-    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
 
 
 class _ImageDataset(Dataset, ABC):

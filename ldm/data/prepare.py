@@ -40,11 +40,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemaining
 from webdataset import TarWriter
 
 from ldm import __version__
-from ldm.data.builtin import SPLITS, stable_fraction
+from ldm.data.builtin import SPLITS
 from ldm.data.folder import METADATA_FILES, Record, scan_folder
 from ldm.data.images import is_image_file, open_image
 from ldm.data.phash import Duplicates, content_hash, phash
 from ldm.data.transforms import ImageTransform, Interpolation
+from ldm.seeding import stable_fraction
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 MANIFEST = "manifest.json"

@@ -20,7 +20,6 @@ Two modes:
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import random
 from collections.abc import Iterator, Mapping, Sequence
@@ -35,6 +34,7 @@ from webdataset.tariterators import tarfile_samples
 from ldm.data.builtin import SPLITS, Sample, check_split
 from ldm.data.images import open_image
 from ldm.data.transforms import Crop, ImageTransform
+from ldm.seeding import stable_seed
 
 log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
@@ -48,10 +48,6 @@ def expand_shards(urls: str | Sequence[str]) -> list[str]:
     if not shards:
         raise ValueError(f"no shards in {urls!r}")
     return shards
-
-
-def _seed(*parts: object) -> int:
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "big")
 
 
 def distributed_rank() -> tuple[int, int]:
@@ -106,12 +102,12 @@ class WebDatasetSource(IterableDataset):
 
     def _shard_urls(self, rank: int, world: int, worker: int, workers: int) -> Iterator[str]:
         if self.resampled:
-            rng = random.Random(_seed(self.seed, self.epoch, rank, worker))
+            rng = random.Random(stable_seed(self.seed, self.epoch, rank, worker))
             while True:
                 yield rng.choice(self.shards)
         shards = list(self.shards)
         if self.shuffle:
-            random.Random(_seed(self.seed, self.epoch)).shuffle(shards)  # same on every rank
+            random.Random(stable_seed(self.seed, self.epoch)).shuffle(shards)  # same on every rank
         readers = world * workers
         if len(shards) < readers and worker == 0 and rank == 0:
             log.warning(
@@ -137,7 +133,7 @@ class WebDatasetSource(IterableDataset):
         urls = ({"url": url} for url in self._shard_urls(rank, world, worker, workers))
         raw = tarfile_samples(urls, handler=handler)
         if self.shuffle and self.shuffle_buffer > 1:
-            rng = random.Random(_seed(self.seed, self.epoch, rank, worker, "samples"))
+            rng = random.Random(stable_seed(self.seed, self.epoch, rank, worker, "samples"))
             raw = _buffer_shuffle(raw, self.shuffle_buffer, rng)
         quota = self._quota(worker, workers)
         count = 0

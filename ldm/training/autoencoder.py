@@ -11,7 +11,6 @@ Two optimizers, stepped by hand (Lightning's manual optimization).
 
 from __future__ import annotations
 
-import hashlib
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -24,16 +23,13 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torchvision.utils import make_grid, save_image
 
+from ldm.seeding import stable_seed
 from ldm.training.callbacks import log_image
 from ldm.training.checkpoints import CONFIG_KEY
 
 RECONSTRUCTION_LOSSES = ("l1", "l2")
 # Checkpoints hold the state after each step, which is what resuming needs.
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
-
-
-def _seed(*parts: object) -> int:
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "big") >> 1
 
 
 class AutoencoderTraining(L.LightningModule):
@@ -142,7 +138,7 @@ class AutoencoderTraining(L.LightningModule):
         optimizers = self.optimizers()
         opt_ae, opt_d = optimizers if isinstance(optimizers, list) else (optimizers, None)
         generator = torch.Generator(self.device).manual_seed(
-            _seed(self.hparams.seed, self.global_step, batch_idx, self.global_rank)
+            stable_seed(self.hparams.seed, self.global_step, batch_idx, self.global_rank)
         )
         adversarial = self._adversarial()
         terms, recon = self.losses(batch, generator, adversarial=adversarial)
@@ -168,7 +164,7 @@ class AutoencoderTraining(L.LightningModule):
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
         generator = torch.Generator(self.device).manual_seed(
-            _seed(self.hparams.seed, "val", batch_idx)
+            stable_seed(self.hparams.seed, "val", batch_idx)
         )
         terms, recon = self.losses(batch, generator, adversarial=False)
         size = len(batch["image"])

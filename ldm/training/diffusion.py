@@ -14,7 +14,6 @@ N ranks draws exactly what it draws in one process (DDP matches single-process t
 
 from __future__ import annotations
 
-import hashlib
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -28,17 +27,13 @@ from ldm.diffusion.guidance import cfg
 from ldm.diffusion.objective import check_prediction, diffusion_loss, q_sample
 from ldm.diffusion.schedules import Schedule
 from ldm.models.vae import DiagonalGaussian
+from ldm.seeding import stable_seed
 from ldm.training.checkpoints import CONFIG_KEY
 from ldm.training.ema import EMA
 
 Conditioning = dict[str, Tensor]
 # The frozen VAE and the EMA copy are in eval mode on purpose.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-
-
-def step_seed(*parts: object) -> int:
-    """A 63-bit seed fixed by ``parts`` (SHA-256, the same in every process)."""
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "big") >> 1
 
 
 class LatentDiffusion(L.LightningModule):
@@ -197,7 +192,7 @@ class LatentDiffusion(L.LightningModule):
         """One generator per sample, seeded by (seed, *tag, its key)."""
         seed = self.hparams.seed
         return [
-            torch.Generator(self.device).manual_seed(step_seed(seed, *tag, key)) for key in keys
+            torch.Generator(self.device).manual_seed(stable_seed(seed, *tag, key)) for key in keys
         ]
 
     def loss(
