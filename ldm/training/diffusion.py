@@ -85,7 +85,10 @@ class LatentDiffusion(L.LightningModule):
 
     @property
     def conditioner(self) -> nn.Module | None:
-        return self.networks["conditioner"] if "conditioner" in self.networks else None  # noqa: SIM401 (ModuleDict has no get)
+        try:
+            return self.networks["conditioner"]
+        except KeyError:
+            return None
 
     def _trainable(self) -> nn.ModuleDict:
         return nn.ModuleDict(
@@ -106,44 +109,43 @@ class LatentDiffusion(L.LightningModule):
 
     # ----------------------------------------------------------------- latents
 
-    def latents(self, batch: Mapping[str, Any], generators: Sequence[torch.Generator]) -> Tensor:
-        """The batch's scaled latents: one fresh sample of each VAE posterior (from the
-        cached ``moments`` when present), or the images themselves without a VAE."""
-        if self.vae is None:
-            return batch["image"]
+    def _vae_latents(
+        self, batch: Mapping[str, Any], generators: Sequence[torch.Generator]
+    ) -> Tensor:
+        """One fresh sample of each VAE posterior (from the cached ``moments`` when present),
+        before scaling."""
         if "moments" in batch:
             posterior = DiagonalGaussian(batch["moments"])
         else:
             with torch.no_grad():
                 posterior = self.vae.encode(batch["image"])
         noise = _randn(generators, posterior.mean.shape[1:], posterior.mean)
-        return self.vae.scale_latents(posterior.mean + posterior.std * noise)
+        return posterior.mean + posterior.std * noise
+
+    def latents(self, batch: Mapping[str, Any], generators: Sequence[torch.Generator]) -> Tensor:
+        """The batch's latents as the diffusion model sees them: scaled VAE latents, or the
+        images themselves without a VAE."""
+        if self.vae is None:
+            return batch["image"]
+        return self.vae.scale_latents(self._vae_latents(batch, generators))
 
     def on_fit_start(self) -> None:
         """Set the VAE's latent scale from the data when it has none: 1 / std of the
-        latents over ``scale_batches`` train batches (averaged over ranks)."""
+        latents over ``scale_batches`` train batches (summed over ranks)."""
         if self.vae is None or self.vae.scale_factor is not None:
             return
         loader = self.trainer.datamodule.train_dataloader()
         total, square, count = 0.0, 0.0, 0
-        with torch.no_grad():
-            for index, batch in enumerate(loader):
-                if index == self.hparams.scale_batches:
-                    break
-                batch = self.transfer_batch_to_device(batch, self.device, 0)
-                if "moments" in batch:
-                    posterior = DiagonalGaussian(batch["moments"])
-                else:
-                    posterior = self.vae.encode(batch["image"])
-                noise = _randn(
-                    self._generators(batch["key"], "scale"),
-                    posterior.mean.shape[1:],
-                    posterior.mean,
-                )
-                z = posterior.mean + posterior.std * noise
-                total += z.double().sum().item()
-                square += z.double().square().sum().item()
-                count += z.numel()
+        for index, batch in enumerate(loader):
+            if index == self.hparams.scale_batches:
+                break
+            batch = self.transfer_batch_to_device(batch, self.device, 0)
+            z = self._vae_latents(batch, self._generators(batch["key"], "scale")).double()
+            total, square, count = (
+                total + z.sum().item(),
+                square + z.square().sum().item(),
+                count + z.numel(),
+            )
         stats = torch.tensor([total, square, count], dtype=torch.float64, device=self.device)
         stats = self.trainer.strategy.reduce(stats, reduce_op="sum")
         mean = stats[0] / stats[2]
