@@ -18,7 +18,7 @@ from __future__ import annotations
 import inspect
 import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -29,6 +29,8 @@ from ldm.diffusion.objective import check_prediction, x0_and_eps
 from ldm.diffusion.schedules import Schedule
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]
+# One generator for the batch, or one per sample (batch-independent noise), or None.
+Generators = torch.Generator | Sequence[torch.Generator] | None
 DDPM_VARIANCES = ("fixed_small", "fixed_large")
 
 
@@ -79,8 +81,19 @@ def _points(schedule: Schedule, steps: int, spacing: str, **spacing_opts) -> lis
     return [_Point(ti, ab) for ti, ab in zip(times, alpha_bar.tolist(), strict=True)]
 
 
-def _noise(x: Tensor, generator: torch.Generator | None) -> Tensor:
-    """Standard normal noise like ``x``, drawn on the generator's device for reproducibility."""
+def _noise(x: Tensor, generator: Generators) -> Tensor:
+    """Standard normal noise like ``x``, drawn on the generator's device for reproducibility;
+    with a sequence of generators, sample i's noise comes from generator i (so a sample's
+    noise does not depend on the rest of its batch)."""
+    if isinstance(generator, Sequence):
+        if len(generator) != x.shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {x.shape[0]}")
+        return torch.stack(
+            [
+                torch.randn(x.shape[1:], generator=g, device=g.device, dtype=x.dtype)
+                for g in generator
+            ]
+        ).to(x.device)
     device = x.device if generator is None else generator.device
     return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
 
@@ -144,7 +157,7 @@ def sample_ddpm(
     variance: str = "fixed_small",
     clip_x0: float | None = None,
     dynamic_threshold: float | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     callback: Callback | None = None,
     **spacing_opts,
 ) -> Tensor:
@@ -186,7 +199,7 @@ def sample_ddim(
     eta: float = 0.0,
     clip_x0: float | None = None,
     dynamic_threshold: float | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     callback: Callback | None = None,
     **spacing_opts,
 ) -> Tensor:
@@ -213,7 +226,7 @@ def _churn(
     x: Tensor,
     here: _Point,
     schedule: Schedule,
-    generator: torch.Generator | None,
+    generator: Generators,
     s_churn: float,
     s_tmin: float,
     s_tmax: float,
@@ -244,7 +257,7 @@ def sample_euler(
     s_tmin: float = 0.0,
     s_tmax: float = math.inf,
     s_noise: float = 1.0,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     callback: Callback | None = None,
     **spacing_opts,
 ) -> Tensor:
@@ -273,7 +286,7 @@ def sample_heun(
     s_tmin: float = 0.0,
     s_tmax: float = math.inf,
     s_noise: float = 1.0,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     callback: Callback | None = None,
     **spacing_opts,
 ) -> Tensor:
@@ -311,7 +324,7 @@ def sample_euler_ancestral(
     spacing: str = "karras",
     eta: float = 1.0,
     s_noise: float = 1.0,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     callback: Callback | None = None,
     **spacing_opts,
 ) -> Tensor:
@@ -344,7 +357,7 @@ def sample_dpmpp_2m(
     steps: int,
     prediction: str = "eps",
     spacing: str = "karras",
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     callback: Callback | None = None,
     **spacing_opts,
 ) -> Tensor:

@@ -255,3 +255,106 @@ def log_image(trainer: L.Trainer, key: str, image: Tensor, path: Path) -> None:
             logger.experiment.add_image(key, image, trainer.global_step)
         elif name == "WandbLogger":
             logger.log_image(key=key, images=[str(path)], step=trainer.global_step)
+
+
+class FIDCallback(L.Callback):
+    """Every ``every_n_steps``: FID (and KID) of ``num_samples`` generated samples against a
+    held-out split of the DataModule, logged as ``val/fid`` / ``val/kid``. The reference
+    statistics are extracted once (cached in ``cache_dir``); generation and features are
+    split over the ranks as in ``evaluate.py``. Keep ``num_samples`` small: a training-time
+    signal, comparable only at equal n."""
+
+    def __init__(
+        self,
+        every_n_steps: int = 1000,
+        num_samples: int = 500,
+        *,
+        extractor: str = "torchscript:fid-helper",
+        sampler: str = "ddim",
+        steps: int = 50,
+        spacing: str = "trailing",
+        eta: float | None = 0.0,
+        guidance_scale: float = 3.0,
+        split: str = "val",
+        batch_size: int = 100,
+        seed: int = 0,
+        cache_dir: str | None = None,  # default: <run>/reference_stats
+    ):
+        from ldm.metrics.sweep import GridPoint
+
+        self.every_n_steps, self.num_samples, self.split = every_n_steps, num_samples, split
+        self.extractor_spec, self.batch_size, self.seed, self.cache_dir = (
+            extractor,
+            batch_size,
+            seed,
+            cache_dir,
+        )
+        self.point = GridPoint(
+            sampler, steps, guidance_scale, spacing, eta if sampler == "ddim" else None
+        )
+        self.evaluator = None
+        self._last_step = -1
+
+    def _setup(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from ldm.metrics.extractors import make_extractor
+        from ldm.metrics.reference import reference_features
+        from ldm.metrics.sweep import Evaluator
+
+        datamodule = trainer.datamodule
+        split = datamodule.dataset(self.split)
+        extractor = make_extractor(self.extractor_spec).to(pl_module.device)
+        factory = datamodule.factory
+        config = {
+            "factory": getattr(getattr(factory, "func", factory), "__qualname__", repr(factory))
+        }
+        config |= {k: repr(v) for k, v in getattr(factory, "keywords", {}).items()}
+        count = min(self.num_samples, len(split))
+        reference, _, _ = reference_features(
+            split,
+            extractor,
+            dataset_config=config,
+            split=self.split,
+            count=count,
+            cache_dir=self.cache_dir or Path(trainer.default_root_dir) / "reference_stats",
+            batch_size=self.batch_size,
+            device=pl_module.device,
+            rank=trainer.global_rank,
+            world_size=trainer.world_size,
+        )
+        self.evaluator = Evaluator(
+            reference.to(pl_module.device),
+            split,
+            extractor,
+            num_samples=self.num_samples,
+            batch_size=self.batch_size,
+            seed=self.seed,
+            rank=trainer.global_rank,
+            world_size=trainer.world_size,
+            kid_subset_size=min(1000, self.num_samples),
+        )
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any
+    ) -> None:
+        step = trainer.global_step
+        if (
+            step % self.every_n_steps
+            or step == self._last_step
+            or not hasattr(pl_module, "generate")
+        ):
+            return
+        self._last_step = step
+        if self.evaluator is None:
+            self._setup(trainer, pl_module)
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            result = self.evaluator.score(pl_module, self.point)
+        finally:
+            pl_module.train(was_training)
+        values = {"val/fid": result["fid"]}
+        if "kid_mean" in result:
+            values["val/kid"] = result["kid_mean"]
+        for logger in trainer.loggers:
+            logger.log_metrics(values, step=step)
+        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in values.items()})

@@ -1,0 +1,1 @@
+"""Metrics: feature extractors, FID / KID / IS / CLIP score, reference statistics, sweeps."""

@@ -1,0 +1,138 @@
+"""FID, KID, IS and CLIP score of generated samples against fixed reference features, as a
+torchmetrics ``Metric`` whose states synchronise over processes.
+
+The reference features are a buffer, the same on every rank and never synchronised. The
+generated samples' states are order-free sums (FID, CLIP score) and their features,
+gathered with each sample's global index and sorted before KID (Binkowski et al. 2018) and
+IS (Salimans et al. 2016) draw their seeded subsets and splits: 1 or N processes give the
+same numbers for the same samples. FID (Heusel et al. 2017) is computed in float64 as
+torchmetrics computes it, ``|mu1 - mu2|^2 + tr S1 + tr S2 - 2 sum sqrt(eig(S1 S2))``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchmetrics import Metric
+from torchmetrics.image.kid import poly_mmd
+from torchmetrics.utilities import dim_zero_cat
+
+
+def frechet_distance(mu1: Tensor, sigma1: Tensor, mu2: Tensor, sigma2: Tensor) -> Tensor:
+    """The Fréchet distance of two Gaussians, float64."""
+    mu1, sigma1, mu2, sigma2 = (t.double() for t in (mu1, sigma1, mu2, sigma2))
+    root_trace = torch.linalg.eigvals(sigma1 @ sigma2).sqrt().real.sum()
+    return (mu1 - mu2).square().sum() + sigma1.trace() + sigma2.trace() - 2 * root_trace
+
+
+def _moments(total: Tensor, outer: Tensor, n: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and unbiased covariance from sums (torchmetrics' FID formula)."""
+    mu = total / n
+    return mu, (outer - n * torch.outer(mu, mu)) / (n - 1)
+
+
+class GenerativeMetrics(Metric):
+    """``update(features, index, logits=None, clip_scores=None)`` per batch of generated
+    samples, then ``compute()`` -> ``{"fid", "kid_mean", "kid_std", "is_mean", "is_std",
+    "clip_score", "n_real", "n_fake"}`` (keys whose inputs were not given are left out)."""
+
+    full_state_update = False
+
+    def __init__(
+        self,
+        reference: Tensor,  # (N, D) reference features, in sample order
+        *,
+        kid_subsets: int = 100,
+        kid_subset_size: int = 1000,  # capped at the smaller sample count
+        is_splits: int = 10,
+        seed: int = 0,  # KID subsets and IS splits
+    ):
+        super().__init__()
+        if reference.ndim != 2 or len(reference) < 2:
+            raise ValueError(
+                f"reference features must be (N >= 2, D), got {tuple(reference.shape)}"
+            )
+        self.kid_subsets, self.kid_subset_size = kid_subsets, kid_subset_size
+        self.is_splits, self.seed = is_splits, seed
+        self.register_buffer("reference", reference.double(), persistent=False)
+        dim = reference.shape[1]
+        self.add_state("total", default=torch.zeros(dim, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state(
+            "outer", default=torch.zeros(dim, dim, dtype=torch.float64), dist_reduce_fx="sum"
+        )
+        self.add_state("count", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        for name in ("features", "index", "logits"):
+            self.add_state(name, default=[], dist_reduce_fx="cat")
+        self.add_state(
+            "clip_sum", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum"
+        )
+        self.add_state(
+            "clip_count", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum"
+        )
+
+    def update(
+        self,
+        features: Tensor,  # (B, D) of generated samples
+        index: Tensor,  # (B,) their global indices: the order KID and IS use
+        logits: Tensor | None = None,  # (B, classes): for IS
+        clip_scores: Tensor | None = None,  # (B,) per-sample CLIP scores
+    ) -> None:
+        features = features.double()
+        self.total += features.sum(0)
+        self.outer += features.T @ features
+        self.count += len(features)
+        self.features.append(features)
+        self.index.append(index.double())
+        if logits is not None:
+            self.logits.append(logits.double())
+        if clip_scores is not None:
+            self.clip_sum += clip_scores.double().sum()
+            self.clip_count += clip_scores.numel()
+
+    def _ordered(self, values: Any) -> Tensor:
+        return dim_zero_cat(values)[dim_zero_cat(self.index).argsort()]
+
+    def compute(self) -> dict[str, float]:
+        real = self.reference
+        mu_r, sigma_r = real.mean(0), torch.cov(real.T)
+        mu_f, sigma_f = _moments(self.total, self.outer, self.count)
+        out = {
+            "n_real": float(len(real)),
+            "n_fake": float(self.count),
+            "fid": float(frechet_distance(mu_r, sigma_r, mu_f, sigma_f)),
+        }
+        fake = self._ordered(self.features)
+        generator = torch.Generator().manual_seed(self.seed)
+        size = min(self.kid_subset_size, len(real), len(fake))
+        if size >= 2:
+            scores = []
+            for _ in range(self.kid_subsets):
+                r = real[torch.randperm(len(real), generator=generator)[:size].to(real.device)]
+                f = fake[torch.randperm(len(fake), generator=generator)[:size].to(fake.device)]
+                scores.append(poly_mmd(r, f))
+            kid = torch.stack(scores)
+            out.update(kid_mean=float(kid.mean()), kid_std=float(kid.std(unbiased=False)))
+        logits = dim_zero_cat(self.logits) if len(self.logits) else None
+        if logits is not None and logits.numel():
+            ordered = self._ordered(self.logits)
+            out["is_mean"], out["is_std"] = inception_score(ordered, self.is_splits, generator)
+        if float(self.clip_count) > 0:
+            out["clip_score"] = float(self.clip_sum / self.clip_count)
+        return out
+
+
+def inception_score(
+    logits: Tensor, splits: int = 10, generator: torch.Generator | None = None
+) -> tuple[float, float]:
+    """exp(E_x KL(p(y|x) || p(y))) over ``splits`` random splits: (mean, std)."""
+    logits = logits[torch.randperm(len(logits), generator=generator).to(logits.device)]
+    scores = []
+    for part in logits.chunk(splits):
+        log_p = F.log_softmax(part, dim=1)
+        log_mean = torch.logsumexp(log_p, dim=0) - torch.log(torch.tensor(float(len(part))))
+        scores.append((log_p.exp() * (log_p - log_mean)).sum(1).mean().exp())
+    stacked = torch.stack(scores)
+    return float(stacked.mean()), float(stacked.std()) if len(scores) > 1 else 0.0

@@ -1,0 +1,264 @@
+"""Scoring a diffusion model against a held-out split over a grid of sampler settings.
+
+Sample ``i`` of a configuration starts from noise seeded by ``(seed, repeat, i)`` and, for
+stochastic samplers, draws its step noise from a generator of its own, conditioned on the
+caption (or label) of held-out sample ``i``: what a sample is never depends on the batch
+or the rank it was made on. Each of ``world_size`` ranks makes every ``world_size``-th
+sample, and the metric states are synchronised, so 1 and N processes agree.
+"""
+
+from __future__ import annotations
+
+import csv
+import inspect
+import itertools
+import json
+import logging
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from ldm.diffusion.samplers import get_sampler, make_sampler
+from ldm.metrics.extractors import FeatureExtractor, to_uint8
+from ldm.metrics.scores import GenerativeMetrics
+from ldm.seeding import stable_seed
+
+log = logging.getLogger(__name__)
+SMALL_N = 5000  # below this, FIDs are biased upward (~1/n) and only comparable at equal n
+
+
+@dataclass(frozen=True)
+class GridPoint:
+    sampler: str
+    steps: int
+    guidance: float
+    spacing: str
+    eta: float | None  # samplers without eta: None
+
+    @property
+    def label(self) -> str:
+        eta = "" if self.eta is None else f", eta {self.eta:g}"
+        return f"{self.sampler}{eta}, {self.spacing}, guidance {self.guidance:g}"
+
+
+def grid_points(grid: Mapping[str, Sequence[Any]]) -> list[GridPoint]:
+    """The product of ``sampler x steps x guidance x spacing x eta``; eta only for the
+    samplers that take it (the others appear once per other setting)."""
+    points: dict[GridPoint, None] = {}
+    for name, steps, guidance, spacing, eta in itertools.product(
+        grid["sampler"], grid["steps"], grid["guidance"], grid["spacing"], grid.get("eta", [None])
+    ):
+        takes_eta = "eta" in inspect.signature(get_sampler(name)).parameters
+        point = GridPoint(
+            name,
+            int(steps),
+            float(guidance),
+            spacing,
+            float(eta) if takes_eta and eta is not None else None,
+        )
+        points[point] = None
+    return list(points)
+
+
+def _counting(sampler: Callable[..., Tensor], calls: list[int]) -> Callable[..., Tensor]:
+    """The sampler, counting its network evaluations (a CFG batch counts once)."""
+
+    def run(model: Callable[[Tensor, Tensor], Tensor], *args: Any, **kwargs: Any) -> Tensor:
+        def counted(x: Tensor, t: Tensor) -> Tensor:
+            calls[0] += 1
+            return model(x, t)
+
+        return sampler(counted, *args, **kwargs)
+
+    return run
+
+
+class Evaluator:
+    """FID / KID / IS (and CLIP score) of generated samples against fixed reference
+    features, on one rank of ``world_size``."""
+
+    def __init__(
+        self,
+        reference: Tensor,  # (N, D) reference features in sample order
+        conditions: Dataset | None,  # captions / labels of generated sample i: conditions[i % len]
+        extractor: FeatureExtractor,
+        *,
+        num_samples: int,
+        batch_size: int = 64,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        kid_subset_size: int = 1000,
+        clip: Callable[[Tensor, list[str]], Tensor] | None = None,  # uint8 images, captions -> (B,)
+    ):
+        self.conditions, self.extractor, self.num_samples = conditions, extractor, num_samples
+        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        self.clip = clip
+        self.metrics = GenerativeMetrics(reference, kid_subset_size=kid_subset_size, seed=seed)
+        if num_samples < SMALL_N:
+            log.warning(
+                "FID from %d samples: its bias grows like 1/n (and below the feature width, "
+                "%d, the covariance is rank-deficient); compare FIDs only at equal n",
+                num_samples,
+                extractor.num_features,
+            )
+
+    def _inputs(self, module: Any, indices: Sequence[int]) -> tuple[Any, list[str]]:
+        """The conditioning of samples ``indices`` (captions, labels, or a count) and the
+        captions (for CLIP score)."""
+        if self.conditions is None or module.conditioner is None:
+            return len(indices), []
+        items = [self.conditions[i % len(self.conditions)] for i in indices]
+        captions = [item["caption"] for item in items]
+        if module.conditioner.input_key == "label":
+            return torch.tensor([item["label"] for item in items], device=module.device), captions
+        return captions, captions
+
+    def score(self, module: Any, point: GridPoint, repeat: int = 0) -> dict[str, Any]:
+        """Generate ``num_samples`` with ``point``'s settings and score them."""
+        device = module.device
+        self.metrics = self.metrics.to(device)
+        self.metrics.reset()
+        options = {"steps": point.steps, "spacing": point.spacing}
+        if point.eta is not None:
+            options["eta"] = point.eta
+        calls = [0]
+        sampler = _counting(make_sampler(point.sampler, **options), calls)
+        mine = list(range(self.rank, self.num_samples, self.world_size))
+        batches, start = 0, time.perf_counter()
+        for first in range(0, len(mine), self.batch_size):
+            indices = mine[first : first + self.batch_size]
+            inputs, captions = self._inputs(module, indices)
+            generators = [
+                torch.Generator(device).manual_seed(stable_seed(self.seed, repeat, i, "steps"))
+                for i in indices
+            ]
+            with torch.no_grad():
+                images = module.generate(
+                    inputs,
+                    sampler,
+                    guidance_scale=point.guidance,
+                    seeds=[stable_seed(self.seed, repeat, i) for i in indices],
+                    generator=generators,
+                )
+                pixels = to_uint8(images)
+                features, logits = self.extractor.features_and_logits(pixels)
+                clip = self.clip(pixels, captions) if self.clip is not None and captions else None
+            self.metrics.update(features, torch.tensor(indices, device=device), logits, clip)
+            batches += 1
+        seconds = time.perf_counter() - start
+        result = self.metrics.compute()
+        nfe = calls[0] / batches if batches else float("nan")
+        return {
+            **asdict(point),
+            "repeat": repeat,
+            "n": self.num_samples,
+            "nfe": nfe,
+            "seconds_per_image": seconds / max(1, len(mine)),  # this rank's share
+            **result,
+        }
+
+
+# --------------------------------------------------------------------------- results
+
+METRIC_KEYS = ("fid", "kid_mean", "kid_std", "is_mean", "is_std", "clip_score")
+
+
+def summarize(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One row per grid point: metrics averaged over repeats, with their spread."""
+    groups: dict[tuple, list[Mapping[str, Any]]] = {}
+    for row in rows:
+        key = tuple(row[k] for k in ("sampler", "steps", "guidance", "spacing", "eta"))
+        groups.setdefault(key, []).append(row)
+    out = []
+    for members in groups.values():
+        row = {
+            k: members[0][k] for k in ("sampler", "steps", "guidance", "spacing", "eta", "n", "nfe")
+        }
+        row["repeats"] = len(members)
+        row["seconds_per_image"] = statistics.fmean(m["seconds_per_image"] for m in members)
+        for key in METRIC_KEYS:
+            values = [m[key] for m in members if key in m]
+            if values:
+                row[key] = statistics.fmean(values)
+                if len(values) > 1 and key in ("fid", "kid_mean", "is_mean", "clip_score"):
+                    row[f"{key}_spread"] = statistics.stdev(values)
+        out.append(row)
+    return out
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    columns = ["sampler", "eta", "spacing", "guidance", "steps", "nfe", "n", "fid"]
+    columns += [
+        c
+        for c in ("fid_spread", "kid_mean", "is_mean", "clip_score", "seconds_per_image")
+        if any(c in r for r in rows)
+    ]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = []
+        for column in columns:
+            value = row.get(column, "")
+            if isinstance(value, float):
+                value = f"{value:.4g}" if column != "nfe" else f"{value:.0f}"
+            cells.append("" if value is None else str(value))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_fid_vs_nfe(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
+    """FID against NFE (log scale), one line per sampler / eta / spacing / guidance."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6.4, 4.2))
+    lines: dict[str, list[tuple[float, float, float]]] = {}
+    for row in rows:
+        label = GridPoint(
+            row["sampler"], row["steps"], row["guidance"], row["spacing"], row["eta"]
+        ).label
+        lines.setdefault(label, []).append((row["nfe"], row["fid"], row.get("fid_spread", 0.0)))
+    for label, points in sorted(lines.items()):
+        points.sort()
+        x, y, err = zip(*points, strict=True)
+        axis.errorbar(x, y, yerr=err if any(err) else None, marker="o", label=label, capsize=2)
+    axis.set_xscale("log")
+    axis.set_xlabel("network evaluations per sample (NFE)")
+    axis.set_ylabel(f"FID (n = {rows[0]['n']})")
+    axis.grid(True, which="both", alpha=0.3)
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    path = Path(path)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def write_results(
+    rows: Sequence[Mapping[str, Any]], out_dir: str | Path, meta: Mapping[str, Any]
+) -> dict[str, Path]:
+    """results.csv / .json / .md and fid_vs_nfe.png in ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = summarize(rows)
+    paths = {name: out_dir / f"results.{name}" for name in ("csv", "json", "md")}
+    columns = list(dict.fromkeys(k for row in summary for k in row))
+    with paths["csv"].open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(summary)
+    paths["json"].write_text(
+        json.dumps({"meta": meta, "rows": summary, "runs": list(rows)}, indent=2, default=str)
+    )
+    paths["md"].write_text(markdown_table(summary) + "\n")
+    paths["png"] = plot_fid_vs_nfe(summary, out_dir / "fid_vs_nfe.png")
+    return paths

@@ -1,0 +1,83 @@
+"""The body of ``evaluate.py``: a checkpoint, a held-out split and a grid of sampler
+settings in; FID / KID / IS (/ CLIP score) per grid point out, on 1 or N processes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from ldm.metrics.extractors import make_extractor
+from ldm.metrics.reference import (
+    content_digest,
+    provenance,
+    read_reference,
+    reference_features,
+)
+from ldm.metrics.sweep import Evaluator, grid_points, markdown_table, summarize, write_results
+from ldm.training.generate import load_model
+
+
+def evaluate(cfg: DictConfig, out_dir: str | Path) -> list[dict[str, Any]]:
+    """Score every grid point x repeat; rank 0 writes results.{csv,json,md} and
+    fid_vs_nfe.png into ``out_dir``. Returns the per-run rows."""
+    fabric = L.Fabric(**cfg.fabric)
+    fabric.launch()
+    data = instantiate(cfg.data)
+    split = data.dataset(cfg.split)
+    extractor = make_extractor(cfg.extractor).to(fabric.device)
+    dataset_config = OmegaConf.to_container(cfg.data.dataset, resolve=True)
+    count = min(cfg.reference_count or cfg.num_samples, len(split))
+    common = dict(dataset_config=dataset_config, split=cfg.split, count=count)
+    if cfg.reference_stats:  # a given file: its provenance must match this evaluation
+        expected = provenance(
+            dataset_config, cfg.split, count, extractor, content_digest(split, count)
+        )
+        reference, _ = read_reference(cfg.reference_stats, expected)
+    else:
+        reference, _, extracted = reference_features(
+            split,
+            extractor,
+            **common,
+            cache_dir=cfg.cache_dir,
+            batch_size=cfg.batch_size,
+            device=fabric.device,
+            rank=fabric.global_rank,
+            world_size=fabric.world_size,
+        )
+        if fabric.global_rank == 0:
+            how = "extracted" if extracted else "reused from the cache"
+            print(f"reference statistics: {how} ({count} samples)")
+    module = load_model(cfg).to(fabric.device)
+    clip = instantiate(cfg.clip).to(fabric.device) if cfg.clip else None
+    evaluator = Evaluator(
+        reference.to(fabric.device),
+        split,
+        extractor,
+        num_samples=cfg.num_samples,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        rank=fabric.global_rank,
+        world_size=fabric.world_size,
+        kid_subset_size=cfg.kid_subset_size,
+        clip=clip,
+    )
+    rows = []
+    for point in grid_points(cfg.grid):
+        for repeat in range(cfg.repeats):
+            row = evaluator.score(module, point, repeat)
+            rows.append(row)
+            if fabric.global_rank == 0:
+                what = f"{point.label}, {point.steps} steps, repeat {repeat}"
+                print(f"{what}: FID {row['fid']:.3f} (NFE {row['nfe']:.0f})")
+    if fabric.global_rank == 0:
+        meta = OmegaConf.to_container(cfg, resolve=True) | {"world_size": fabric.world_size}
+        paths = write_results(rows, out_dir, meta)
+        print(markdown_table(summarize(rows)))
+        print(f"wrote {', '.join(str(p) for p in paths.values())}")
+        (Path(out_dir) / "provenance.json").write_text(json.dumps(common, indent=2, default=str))
+    return rows

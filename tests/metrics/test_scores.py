@@ -1,0 +1,137 @@
+"""FID against the paper's formula, KID / IS independent of sample order, the extractors,
+and reference statistics: cached with provenance, reused, invalidated, refused."""
+
+import socket
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+from ldm.data.builtin import ShapesDataset
+from ldm.metrics.extractors import INCEPTION_FILE, make_extractor, to_uint8
+from ldm.metrics.reference import content_digest, provenance, read_reference, reference_features
+from ldm.metrics.scores import GenerativeMetrics
+
+
+def reference_fid(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Heusel et al. 2017 in float64 with scipy's sqrtm."""
+    x, y = x.double().numpy(), y.double().numpy()
+    s1, s2 = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
+    covmean = scipy.linalg.sqrtm(s1 @ s2).real
+    return float(
+        ((x.mean(0) - y.mean(0)) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean)
+    )
+
+
+def scores(real, fake, order=None, chunks=1, logits=None):
+    metrics = GenerativeMetrics(real, kid_subsets=20, kid_subset_size=100, is_splits=4, seed=3)
+    index = torch.arange(len(fake)) if order is None else order
+    for part in torch.arange(len(fake)).chunk(chunks):
+        chosen = index[part]
+        metrics.update(fake[chosen], chosen, None if logits is None else logits[chosen])
+    return metrics.compute()
+
+
+def test_fid_matches_the_formula_and_identical_sets_give_zero():
+    g = torch.Generator().manual_seed(0)
+    real = torch.randn(600, 32, generator=g)
+    fake = (
+        torch.randn(500, 32, generator=g) @ (torch.eye(32) + 0.1 * torch.randn(32, 32, generator=g))
+        + 0.2
+    )
+    ours = scores(real, fake)["fid"]
+    assert ours == pytest.approx(reference_fid(real, fake), rel=1e-4)
+    assert abs(scores(real, real)["fid"]) < 1e-6
+
+
+def test_kid_and_is_do_not_depend_on_order_or_batching():
+    g = torch.Generator().manual_seed(1)
+    real, fake = torch.randn(300, 16, generator=g), torch.randn(200, 16, generator=g) + 0.5
+    logits = torch.randn(200, 10, generator=g) * 3
+    plain = scores(real, fake, logits=logits)
+    shuffled = scores(real, fake, order=torch.randperm(200, generator=g), chunks=7, logits=logits)
+    for key in ("fid", "kid_mean", "kid_std", "is_mean", "is_std"):
+        assert shuffled[key] == pytest.approx(plain[key], rel=1e-9), key
+    assert plain["kid_mean"] > 10 * plain["kid_std"] / 20**0.5  # shifted sets: clearly positive
+
+
+def test_reset_keeps_the_reference():
+    real = torch.randn(100, 8)
+    metrics = GenerativeMetrics(real, kid_subset_size=50)
+    metrics.update(real + 3, torch.arange(100))
+    far = metrics.compute()["fid"]
+    metrics.reset()
+    metrics.update(real, torch.arange(100))
+    assert far > 10 and abs(metrics.compute()["fid"]) < 1e-6
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("network access attempted")
+
+    monkeypatch.setattr(socket, "socket", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+def test_extractors_never_touch_the_network(no_network, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=rf"{INCEPTION_FILE}.*{tmp_path}/hub/checkpoints"):
+        make_extractor("inception")
+    with pytest.raises(ValueError, match="unknown feature extractor"):
+        make_extractor("vgg")
+    tiny = make_extractor("tiny")
+    images = to_uint8(torch.rand(3, 3, 32, 32) * 2 - 1)
+    features, logits = tiny.features_and_logits(images)
+    assert features.shape == (3, 64) and logits.shape == (3, 10)
+    with pytest.raises(ValueError, match="uint8"):
+        tiny.features(images.float())
+    bundled = make_extractor("torchscript:fid-helper")  # the offline InceptionV3
+    assert bundled.num_features == 2048 and bundled.features(images[:1]).shape == (1, 2048)
+    assert len(bundled.provenance["weights_sha256"]) == 64
+
+
+def test_to_uint8_rounds_once():
+    x = torch.tensor([-1.0, -0.999, 0.0, 0.5, 1.0, 1.5])
+    assert to_uint8(x.view(1, 1, 1, -1)).flatten().tolist() == [0, 0, 128, 191, 255, 255]
+
+
+class _Counting(torch.nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.calls = inner, 0
+        self.num_features, self.provenance = inner.num_features, inner.provenance
+
+    def features(self, images):
+        self.calls += 1
+        return self.inner.features(images)
+
+
+def test_reference_cache_is_reused_and_invalidated(tmp_path):
+    data = ShapesDataset("val", size=16, num_samples=[8, 40, 8])
+    config = {"target": "shapes", "size": 16}
+    common = dict(dataset_config=config, split="val", count=40, cache_dir=tmp_path, batch_size=16)
+    extractor = _Counting(make_extractor("tiny"))
+    first, record, extracted = reference_features(data, extractor, **common)
+    assert extracted and extractor.calls == 3 and first.shape == (40, 64)
+    again, _, extracted = reference_features(data, extractor, **common)
+    assert not extracted and extractor.calls == 3 and torch.equal(again, first)
+    other = _Counting(make_extractor("tiny:64:1"))  # another extractor: computed anew
+    assert reference_features(data, other, **common)[2] and other.calls == 3
+    resized = ShapesDataset("val", size=20, num_samples=[8, 40, 8])  # other preprocessing
+    assert reference_features(
+        resized, extractor, **common | {"dataset_config": config | {"size": 20}}
+    )[2]
+    assert len(list(tmp_path.glob("reference-*.safetensors"))) == 3
+    # A given reference file whose provenance differs is refused, naming the fields.
+    path = next(
+        p
+        for p in tmp_path.iterdir()
+        if read_reference(p)[1]["extractor"] == "tiny:64:0"
+        and read_reference(p)[1]["dataset"]["size"] == 16
+    )
+    expected = provenance(config, "test", 40, extractor.inner, content_digest(data, 40))
+    with pytest.raises(ValueError, match=r"refusing to compare: .*split: 'val' vs 'test'"):
+        read_reference(path, expected)
+    assert torch.equal(read_reference(path, record)[0], first)
