@@ -214,3 +214,21 @@ def unet_config_to_diffusers(config: Mapping[str, Any]) -> dict[str, Any]:
         out["class_embed_type"] = "projection"
         out["projection_class_embeddings_input_dim"] = config["pooled_dim"]
     return out
+
+
+def unet_module_path(path: str, config: Mapping[str, Any], *, to_diffusers: bool = True) -> str:
+    """A module's dotted path in our UNet -> in diffusers' (or back with ``to_diffusers=False``),
+    e.g. ``input_blocks.1.1.transformer_blocks.0.attn1.to_q`` <->
+    ``down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q``."""
+    pairs = [(a, b, r) if to_diffusers else (b, a, r) for a, b, r in _prefixes(config)]
+    inner = _RESNET if to_diffusers else {v: k for k, v in _RESNET.items()}
+    parts = path.split(".")
+    for cut in range(len(parts), 0, -1):  # longest known prefix first
+        prefix, rest = ".".join(parts[:cut]), ".".join(parts[cut:])
+        for source, target, is_resnet in pairs:
+            if prefix == source:
+                if is_resnet and rest:
+                    rest = inner.get(rest, rest)
+                return f"{target}.{rest}" if rest else target
+    layout = "diffusers" if to_diffusers else "original"
+    raise ValueError(f"module {path!r} has no counterpart in the {layout} UNet layout")

@@ -22,6 +22,8 @@ from torch import Tensor
 from torch.nn.utils import get_total_norm
 from torchvision.utils import make_grid, save_image
 
+from ldm.nn.lora import disable_adapters, lora_layers, save_adapter, set_adapter_weights
+
 log = logging.getLogger(__name__)
 
 
@@ -58,6 +60,35 @@ class Checkpoint(ModelCheckpoint):
             trainer.save_checkpoint(path, weights_only=False)
             self.last_model_path = str(path)
             self._last_global_step_saved = trainer.global_step
+
+
+class AdapterExport(L.Callback):
+    """At the end of training, the LoRA adapter alone (EMA weights when kept) as
+    ``<run>/<filename>``, in our format with its settings; logs its size."""
+
+    def __init__(self, name: str = "default", filename: str = "adapter.safetensors"):
+        self.name, self.filename = name, filename
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        networks = pl_module.sampling_networks()
+        networks.lora_settings = pl_module.networks.lora_settings
+        report = getattr(pl_module, "lora_report", {})
+        path = save_adapter(
+            networks,
+            Path(trainer.default_root_dir) / self.filename,
+            self.name,
+            {"step": trainer.global_step, **report},
+        )
+        size = path.stat().st_size
+        log.warning(
+            "LoRA adapter %r: %s trainable parameters, %s, %.2f MiB",
+            self.name,
+            f"{report.get('trainable_parameters', 0):,}",
+            path,
+            size / 2**20,
+        )
 
 
 class DataEpoch(L.Callback):
@@ -194,22 +225,38 @@ class SampleGrid(L.Callback):
             return None
         return self._write(trainer, pl_module)
 
+    def columns(self, pl_module: L.LightningModule) -> list[str]:
+        names = [f"{n} seed {s}" for n in self.samplers for s in self.seeds]
+        if lora_layers(pl_module.sampling_networks()):
+            names += [f"{n}, without the adapters" for n in names]
+        return names
+
     def grid(self, pl_module: L.LightningModule) -> Tensor:
-        """(3, H, W) in [0, 1]: rows are prompts, columns are sampler x seed."""
+        """(3, H, W) in [0, 1]: rows are prompts, columns are sampler x seed (then the
+        same without LoRA adapters, when the model has them)."""
         inputs: Any = self.prompts
         if all(isinstance(p, int) for p in self.prompts):
             inputs = torch.tensor(self.prompts, device=pl_module.device)
+        networks = pl_module.sampling_networks()
+        passes = [None, "off"] if lora_layers(networks) else [None]
         columns = []
-        for sampler in self.samplers.values():
-            for seed in self.seeds:
-                images = pl_module.generate(
-                    inputs,
-                    sampler,
-                    guidance_scale=self.guidance_scale,
-                    seeds=[seed] * len(self.prompts),
-                    generator=torch.Generator(pl_module.device).manual_seed(seed),
-                )
-                columns.append(images)
+        for adapters in passes:
+            saved = disable_adapters(networks) if adapters == "off" else None
+            try:
+                for sampler in self.samplers.values():
+                    for seed in self.seeds:
+                        images = pl_module.generate(
+                            inputs,
+                            sampler,
+                            guidance_scale=self.guidance_scale,
+                            seeds=[seed] * len(self.prompts),
+                            generator=torch.Generator(pl_module.device).manual_seed(seed),
+                            networks=networks,
+                        )
+                        columns.append(images)
+            finally:
+                if saved is not None:
+                    set_adapter_weights(networks, saved)
         tiles = torch.stack(columns, dim=1).flatten(0, 1)  # (prompts * columns, 3, H, W)
         return make_grid(tiles.float().cpu() * 0.5 + 0.5, nrow=len(columns), padding=1)
 
@@ -227,10 +274,7 @@ class SampleGrid(L.Callback):
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"step_{trainer.global_step:06d}.png"
         save_image(grid, path)
-        legend = {
-            "rows": self.prompts,
-            "columns": [f"{n} seed {s}" for n in self.samplers for s in self.seeds],
-        }
+        legend = {"rows": self.prompts, "columns": self.columns(pl_module)}
         (folder / "grid.json").write_text(json.dumps(legend, indent=2))
         log_image(trainer, "samples", grid, path)
         return path

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from torchvision.utils import make_grid, save_image
 
 from ldm.convert.checkpoint import load_into, read_weights
+from ldm.convert.lora import read_any
 from ldm.convert.stable_diffusion import (
     infer_unet_config,
     infer_vae_config,
@@ -29,6 +30,7 @@ from ldm.convert.stable_diffusion import (
 )
 from ldm.models.unet import UNet
 from ldm.models.vae import AutoencoderKL
+from ldm.nn.lora import load_adapter, merge_adapters
 from ldm.training.checkpoints import CONFIG_KEY, SD_VAE_SCALE, load_checkpoint
 from ldm.training.diffusion import LatentDiffusion
 
@@ -93,8 +95,21 @@ def load_model(cfg: DictConfig) -> LatentDiffusion:
     if cfg.image_size:
         size = cfg.image_size
         module.image_size = (size, size) if isinstance(size, int) else tuple(size)
+    for index, spec in enumerate(cfg.get("lora") or []):
+        load_lora(module, str(spec), f"lora{index}")
+    if cfg.get("lora") and cfg.get("lora_merge"):
+        merge_adapters(module.sampling_networks())
     device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else cfg.device
     return module.to("cpu" if device == "auto" else device).eval()
+
+
+def load_lora(module: LatentDiffusion, spec: str, name: str) -> list[str]:
+    """Load ``path[:weight]`` (ours, diffusers / PEFT or kohya format) as adapter ``name``
+    into the sampling weights."""
+    path, _, weight = spec.rpartition(":") if re.search(r":-?[0-9.]+$", spec) else (spec, "", "1")
+    networks = module.sampling_networks()
+    tensors, settings = read_any(path, networks["unet"])
+    return load_adapter(networks, tensors, name, settings, weight=float(weight))
 
 
 def read_prompts(cfg: DictConfig) -> list[str]:

@@ -13,6 +13,7 @@ from torch import nn
 from ldm.data.latents import fingerprint, read_cache_info
 from ldm.training.callbacks import AtomicCheckpointIO
 from ldm.training.checkpoints import load_vae, resolve_resume
+from ldm.training.finetune import apply_lora, load_base
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,10 @@ def build(
     if cfg.task_name == "ldm":
         parts["vae"] = frozen_vae(cfg)
     module = instantiate(cfg.task, **parts)
+    if cfg.get("base"):  # fine-tuning: start from trained weights
+        log.info("base weights for %s from %s", load_base(module, cfg.base), cfg.base)
+    if cfg.get("lora"):
+        module.lora_report = apply_lora(module, cfg.lora)
     module.run_config = OmegaConf.to_yaml(cfg, resolve=True)  # saved in every checkpoint
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
     loggers = [instantiate(c) for c in cfg.logger.values() if c is not None]
@@ -45,7 +50,7 @@ def frozen_vae(cfg: DictConfig) -> nn.Module:
     """The diffusion stage's VAE: ``vae_checkpoint``; else, training from a latent cache,
     the VAE that made the cache (recorded in it); else the ``model/vae`` preset untrained,
     with a warning (only tests want that)."""
-    path = cfg.vae_checkpoint
+    path = cfg.vae_checkpoint or cfg.get("base")  # a base model brings its VAE
     cache = _latent_cache_info(cfg)
     if path is None and cache is not None:
         path = cache.get("vae_source")

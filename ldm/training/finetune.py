@@ -1,0 +1,104 @@
+"""Fine-tuning a trained model: base weights in, LoRA adapters on, only adapters trained.
+
+``load_base`` fills a ``LatentDiffusion``'s networks from a checkpoint of ours (its EMA
+weights when it kept them), an original SD single file or a diffusers folder.
+``apply_lora`` freezes every network weight, injects adapters into the UNet (and, if
+asked, the text encoder) and leaves only the adapters trainable.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ldm.convert.checkpoint import load_into, read_weights
+from ldm.convert.stable_diffusion import load_diffusers_folder, split_checkpoint
+from ldm.nn.lora import LoRASettings, adapter_parameters, inject_lora
+from ldm.training.checkpoints import load_checkpoint
+from ldm.training.ema import EMA
+
+log = logging.getLogger(__name__)
+
+
+def load_base(module: nn.Module, path: str | Path) -> list[str]:
+    """Load base weights into ``module.networks``; returns the networks that got some."""
+    path = Path(path)
+    networks: nn.ModuleDict = module.networks
+    loaded = []
+    if path.is_dir():
+        load_into(
+            networks["unet"], load_diffusers_folder(path)["unet"].state_dict(), what=str(path)
+        )
+        return ["unet"]
+    state = load_checkpoint(path) if path.suffix == ".ckpt" else {}
+    if "state_dict" in state and any(k.startswith("networks.") for k in state["state_dict"]):
+        weights = state["state_dict"]
+        for name, network in networks.items():
+            source = (
+                "ema.average."
+                if any(k.startswith(f"ema.average.{name}.") for k in weights)
+                else "networks."
+            )
+            prefix = f"{source}{name}."
+            part = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
+            if part:
+                load_into(network, part, what=f"{name} of {path} ({source.rstrip('.')})")
+                loaded.append(name)
+        return loaded
+    split = split_checkpoint(read_weights(path))
+    load_into(networks["unet"], split.parts["unet"], what=f"UNet of {path}")
+    loaded.append("unet")
+    conditioner = module.conditioner
+    if conditioner is not None and split.parts["text"] and hasattr(conditioner, "model"):
+        load_into(conditioner, split.parts["text"], what=f"text encoder of {path}")
+        loaded.append("conditioner")
+    return loaded
+
+
+def apply_lora(module: nn.Module, cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """Freeze ``module.networks`` and inject adapter ``cfg["name"]`` (rank, alpha, dropout,
+    targets, conv_rank; ``text_encoder`` adds one to the conditioner with
+    ``text_targets``). Returns what it did: layers, trainable and total parameters."""
+    networks: nn.ModuleDict = module.networks
+    networks.requires_grad_(False)
+    name = cfg.get("name", "default")
+    settings = LoRASettings(
+        rank=cfg["rank"],
+        alpha=cfg.get("alpha") or cfg["rank"],
+        dropout=cfg.get("dropout", 0.0),
+        targets=cfg.get("targets", "attn"),
+        conv_rank=cfg.get("conv_rank"),
+        conv_alpha=cfg.get("conv_alpha"),
+    )
+    layers = {"unet": inject_lora(networks["unet"], name, settings)}
+    if cfg.get("text_encoder"):
+        if "conditioner" not in networks:
+            raise ValueError("lora.text_encoder=true, but the model has no conditioner")
+        text = LoRASettings(
+            **{**settings.__dict__, "targets": cfg.get("text_targets", "attn"), "conv_rank": None}
+        )
+        layers["conditioner"] = inject_lora(networks["conditioner"], name, text)
+    networks.lora_settings = {name: settings}
+    if getattr(module, "ema", None) is not None:  # the average must hold the adapters too
+        module.ema = EMA(module._trainable(), module.ema.decay, module.ema.warmup)
+    trainable = sum(p.numel() for p in adapter_parameters(networks, name))
+    total = sum(p.numel() for p in networks.parameters())
+    report = {
+        "adapter": name,
+        "layers": {k: len(v) for k, v in layers.items()},
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+    }
+    log.info(
+        "LoRA %r: %s layers; %s trainable of %s parameters (%.2f%%)",
+        name,
+        report["layers"],
+        f"{trainable:,}",
+        f"{total:,}",
+        100 * trainable / total,
+    )
+    return report
