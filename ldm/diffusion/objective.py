@@ -144,11 +144,15 @@ def diffusion_loss(
     prediction: str,
     weighting: str = "uniform",
     gamma: float = 5.0,
+    sample_weights: Tensor | None = None,
 ) -> Tensor:
-    """Weighted mean squared error between a model output and its target (a scalar)."""
+    """Weighted mean squared error between a model output and its target (a scalar);
+    ``sample_weights`` (B,) scale each sample's term (e.g. DreamBooth's prior loss)."""
     goal = target(prediction, x0, noise, alpha_bar)
     per_sample = (output.float() - goal.float()).pow(2).flatten(1).mean(1)  # (B,)
     alpha_bar = torch.as_tensor(alpha_bar, dtype=torch.float64, device=output.device)
     snr = alpha_bar / (1 - alpha_bar)
     weights = loss_weights(snr, prediction, weighting, gamma).to(per_sample)
+    if sample_weights is not None:
+        weights = weights * sample_weights.to(per_sample)
     return (weights * per_sample).mean()

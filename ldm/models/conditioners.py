@@ -290,8 +290,9 @@ class OpenCLIPTextEncoder(_TextConditioner):
         self.model = _OpenCLIPText(cfg["embed_dim"], text_cfg, quick_gelu)
         # What open_clip.get_tokenizer(arch) returns for these towers; its vocabulary ships in
         # the open_clip wheel.
+        self.tokenizer_kwargs = dict(text_cfg.get("tokenizer_kwargs") or {})
         self.tokenizer = open_clip.tokenizer.SimpleTokenizer(
-            context_length=max_length, **(text_cfg.get("tokenizer_kwargs") or {})
+            context_length=max_length, **self.tokenizer_kwargs
         )
         if weights_path is not None:
             self.load_weights(weights_path)
@@ -365,8 +366,9 @@ class OpenCLIPTextEncoder(_TextConditioner):
         """open_clip's ``text_global_pool``: CLIP reads the EOT token (the largest id)."""
         rows = torch.arange(x.shape[0], device=x.device)
         kind = self.model.text_pool_type
-        if kind == "argmax":
-            return x[rows, tokens.argmax(dim=-1)]
+        if kind == "argmax":  # CLIP's EOT has the largest id, but added tokens come after it
+            eot = self.tokenizer.eot_token_id
+            return x[rows, (tokens == eot).int().argmax(dim=-1)]
         if kind == "eos":
             return x[rows, (tokens == self.model.text_eos_id).int().argmax(dim=-1)]
         if kind == "first":

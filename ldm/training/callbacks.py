@@ -91,6 +91,22 @@ class AdapterExport(L.Callback):
         )
 
 
+class EmbeddingExport(L.Callback):
+    """At the end of training, the textual-inversion tokens' vectors as
+    ``<run>/<filename>`` (safetensors keyed by token)."""
+
+    def __init__(self, filename: str = "embeddings.safetensors"):
+        self.filename = filename
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            from ldm.models.textual_inversion import save_embeddings
+
+            conditioner = pl_module.sampling_networks()["conditioner"]
+            path = save_embeddings(conditioner, Path(trainer.default_root_dir) / self.filename)
+            log.warning("textual inversion embeddings: %s", path)
+
+
 class DataEpoch(L.Callback):
     """Tells the DataModule the epoch before each train epoch (reshuffles streaming sources
     and bucket batches)."""

@@ -44,6 +44,30 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def read_ours(path: str | Path) -> dict[str, Any] | None:
+    """A checkpoint of ours as a dict with ``state_dict`` (and ``ldm_config`` /
+    ``vae_config`` when it has them): a Lightning ``.ckpt`` of ours, or a ``.safetensors``
+    that carries our config (merged or exported); None for anything else."""
+    path = Path(path)
+    if path.suffix == ".ckpt":
+        state = load_checkpoint(path)
+        return (
+            state
+            if "state_dict" in state
+            and any(k.startswith(("networks.", "vae.")) for k in state["state_dict"])
+            else None
+        )
+    if path.suffix == ".safetensors" and path.is_file():
+        with safe_open(str(path), "pt") as handle:
+            meta = handle.metadata() or {}
+        if CONFIG_KEY in meta:
+            state: dict[str, Any] = {"state_dict": read_weights(path), CONFIG_KEY: meta[CONFIG_KEY]}
+            if "vae_config" in meta:
+                state["vae_config"] = json.loads(meta["vae_config"])
+            return state
+    return None
+
+
 def load_vae(
     path: str | Path,
     *,
@@ -64,7 +88,7 @@ def load_vae(
             raise FileNotFoundError(f"{path} is neither a diffusers VAE folder nor holds vae/")
         vae = _diffusers_vae(folder, strict)
     else:
-        state = load_checkpoint(path) if path.suffix == ".ckpt" else {}
+        state = read_ours(path) or {}
         ours = {k[4:]: v for k, v in state.get("state_dict", {}).items() if k.startswith("vae.")}
         if ours:
             vae = AutoencoderKL(**(state.get("vae_config") or infer_vae_config(ours)))

@@ -224,6 +224,7 @@ class LatentDiffusion(L.LightningModule):
             prediction=self.hparams.prediction,
             weighting=self.hparams.loss_weighting,
             gamma=self.hparams.min_snr_gamma,
+            sample_weights=batch.get("loss_weight"),
         )
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
@@ -269,11 +270,12 @@ class LatentDiffusion(L.LightningModule):
         guidance_scale: float = 1.0,
         guidance_rescale: float = 0.0,
         seeds: Sequence[int] | None = None,  # one per sample: its starting noise
-        generator: torch.Generator | None = None,  # for stochastic samplers' noise
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,  # sampler noise
         networks: nn.ModuleDict | None = None,  # default: the EMA weights when kept
+        decode: bool = True,  # False: the sampled latents, as the diffusion model sees them
     ) -> Tensor:
-        """Images (B, 3, H, W) in [-1, 1]. Sample i starts from noise seeded by seeds[i], so
-        it does not depend on what else is in the batch (deterministic samplers)."""
+        """Images (B, 3, H, W) in [-1, 1] (or latents). Sample i starts from noise seeded by
+        seeds[i], so it does not depend on what else is in the batch."""
         networks = networks or self.sampling_networks()
         count = inputs if isinstance(inputs, int) else len(inputs)
         seeds = list(range(count)) if seeds is None else list(seeds)
@@ -299,6 +301,8 @@ class LatentDiffusion(L.LightningModule):
             prediction=self.hparams.prediction,
             generator=generator,
         )
+        if not decode:
+            return z
         if self.vae is None:
             return z.clamp(-1, 1)
         return self.vae.decode(self.vae.unscale_latents(z)).clamp(-1, 1)

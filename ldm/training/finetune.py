@@ -9,16 +9,18 @@ asked, the text encoder) and leaves only the adapters trainable.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from ldm.convert.checkpoint import load_into, read_weights
 from ldm.convert.stable_diffusion import load_diffusers_folder, split_checkpoint
 from ldm.nn.lora import LoRASettings, adapter_parameters, inject_lora
-from ldm.training.checkpoints import load_checkpoint
+from ldm.training.checkpoints import read_ours
 from ldm.training.ema import EMA
 
 log = logging.getLogger(__name__)
@@ -34,8 +36,8 @@ def load_base(module: nn.Module, path: str | Path) -> list[str]:
             networks["unet"], load_diffusers_folder(path)["unet"].state_dict(), what=str(path)
         )
         return ["unet"]
-    state = load_checkpoint(path) if path.suffix == ".ckpt" else {}
-    if "state_dict" in state and any(k.startswith("networks.") for k in state["state_dict"]):
+    state = read_ours(path) or {}
+    if any(k.startswith("networks.") for k in state.get("state_dict", {})):
         weights = state["state_dict"]
         for name, network in networks.items():
             source = (
@@ -102,3 +104,73 @@ def apply_lora(module: nn.Module, cfg: Mapping[str, Any]) -> dict[str, Any]:
         100 * trainable / total,
     )
     return report
+
+
+@torch.no_grad()
+def ensure_class_images(
+    module: nn.Module,
+    folder: str | Path,
+    prompt: str,
+    count: int,
+    *,
+    steps: int = 50,
+    guidance_scale: float = 5.0,
+    batch_size: int = 8,
+    seed: int = 0,
+) -> int:
+    """Generate class images with the (base) model until ``folder`` holds ``count``;
+    returns how many were made. Image i is seeded by ``seed + i`` and written atomically,
+    so an interrupted run resumes where it stopped and a re-run adds nothing."""
+    from torchvision.utils import save_image
+
+    from ldm.data.folder import list_images
+    from ldm.diffusion.samplers import make_sampler
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    have = {p.name for p in list_images(folder)}
+    missing = [i for i in range(count) if f"class_{i:05d}.png" not in have]
+    if len(have) >= count or not missing:
+        return 0
+    log.info("generating %d class images for %r into %s", len(missing), prompt, folder)
+    was_training = module.training
+    module.eval()
+    sampler = make_sampler("ddim", steps=steps)
+    for start in range(0, len(missing), batch_size):
+        chunk = missing[start : start + batch_size]
+        images = module.generate(
+            [prompt] * len(chunk),
+            sampler,
+            guidance_scale=guidance_scale,
+            seeds=[seed + i for i in chunk],
+        )
+        for index, image in zip(chunk, images, strict=True):
+            tmp = folder / f".class_{index:05d}.tmp.png"
+            save_image(image * 0.5 + 0.5, tmp)
+            os.replace(tmp, folder / f"class_{index:05d}.png")
+    module.train(was_training)
+    return len(missing)
+
+
+def apply_textual_inversion(module: nn.Module, cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """Freeze every network weight and add ``cfg["tokens"]`` (initialised from
+    ``cfg["init_words"]``) to the conditioner: only the new embedding rows train."""
+    from ldm.models.textual_inversion import add_tokens
+
+    conditioner = module.conditioner
+    if conditioner is None or not hasattr(conditioner, "tokenize"):
+        raise ValueError("textual inversion needs a text conditioner")
+    module.networks.requires_grad_(False)
+    tokens, words = list(cfg["tokens"]), list(cfg["init_words"])
+    ids = add_tokens(conditioner, tokens, init_words=words)
+    if getattr(module, "ema", None) is not None:
+        module.ema = EMA(module._trainable(), module.ema.decay, module.ema.warmup)
+    trainable = sum(p.numel() for p in module.networks.parameters() if p.requires_grad)
+    log.info(
+        "textual inversion: tokens %s (ids %s) from %s; %s trainable parameters",
+        tokens,
+        ids,
+        words,
+        trainable,
+    )
+    return {"tokens": tokens, "ids": ids, "trainable_parameters": trainable}

@@ -28,10 +28,12 @@ from ldm.convert.stable_diffusion import (
     load_diffusers_folder,
     split_checkpoint,
 )
+from ldm.models.textual_inversion import add_tokens, load_embeddings
 from ldm.models.unet import UNet
 from ldm.models.vae import AutoencoderKL
 from ldm.nn.lora import load_adapter, merge_adapters
-from ldm.training.checkpoints import CONFIG_KEY, SD_VAE_SCALE, load_checkpoint
+from ldm.tools.merge import split_spec
+from ldm.training.checkpoints import CONFIG_KEY, SD_VAE_SCALE, read_ours
 from ldm.training.diffusion import LatentDiffusion
 
 
@@ -43,12 +45,21 @@ def _ours(path: Path, state: dict[str, Any], use_ema: bool) -> LatentDiffusion:
         )
     vae = AutoencoderKL(**state["vae_config"]) if "vae_config" in state else None
     module = instantiate(saved.task, vae=vae, optimizer=None, lr_scheduler=None)
+    if saved.get("textual_inversion"):  # its tokens first, so that the state dict fits
+        tokens = list(saved.textual_inversion.tokens)
+        width = _embedding_width(module.conditioner)
+        add_tokens(module.conditioner, tokens, vectors=torch.zeros(len(tokens), width))
     load_into(module, state["state_dict"], what=str(path))
     if vae is not None:
         vae.scale_factor = state["vae_config"]["scale_factor"]
     if not use_ema and module.ema is not None:
         module.ema = None  # sample with the raw weights
     return module
+
+
+def _embedding_width(conditioner: torch.nn.Module) -> int:
+    owner = conditioner.model if hasattr(conditioner, "model") else conditioner
+    return owner.token_embedding.embedding_dim
 
 
 def _stable_diffusion(path: Path, cfg: DictConfig) -> LatentDiffusion:
@@ -85,8 +96,8 @@ def _stable_diffusion(path: Path, cfg: DictConfig) -> LatentDiffusion:
 def load_model(cfg: DictConfig) -> LatentDiffusion:
     """The diffusion model ``cfg.checkpoint`` names, on ``cfg.device``, in eval mode."""
     path = Path(cfg.checkpoint)
-    state = load_checkpoint(path) if path.suffix == ".ckpt" else {}
-    if CONFIG_KEY in state:
+    state = read_ours(path) or {}
+    if state.get(CONFIG_KEY):
         module = _ours(path, state, cfg.ema)
     elif path.exists():
         module = _stable_diffusion(path, cfg)
@@ -95,6 +106,8 @@ def load_model(cfg: DictConfig) -> LatentDiffusion:
     if cfg.image_size:
         size = cfg.image_size
         module.image_size = (size, size) if isinstance(size, int) else tuple(size)
+    for path in cfg.get("embeddings") or []:  # textual-inversion tokens
+        load_embeddings(module.sampling_networks()["conditioner"], path)
     for index, spec in enumerate(cfg.get("lora") or []):
         load_lora(module, str(spec), f"lora{index}")
     if cfg.get("lora") and cfg.get("lora_merge"):
@@ -106,10 +119,10 @@ def load_model(cfg: DictConfig) -> LatentDiffusion:
 def load_lora(module: LatentDiffusion, spec: str, name: str) -> list[str]:
     """Load ``path[:weight]`` (ours, diffusers / PEFT or kohya format) as adapter ``name``
     into the sampling weights."""
-    path, _, weight = spec.rpartition(":") if re.search(r":-?[0-9.]+$", spec) else (spec, "", "1")
+    path, weight = split_spec(spec)
     networks = module.sampling_networks()
     tensors, settings = read_any(path, networks["unet"])
-    return load_adapter(networks, tensors, name, settings, weight=float(weight))
+    return load_adapter(networks, tensors, name, settings, weight=weight)
 
 
 def read_prompts(cfg: DictConfig) -> list[str]:

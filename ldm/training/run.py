@@ -13,7 +13,12 @@ from torch import nn
 from ldm.data.latents import fingerprint, read_cache_info
 from ldm.training.callbacks import AtomicCheckpointIO
 from ldm.training.checkpoints import load_vae, resolve_resume
-from ldm.training.finetune import apply_lora, load_base
+from ldm.training.finetune import (
+    apply_lora,
+    apply_textual_inversion,
+    ensure_class_images,
+    load_base,
+)
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +36,22 @@ def build(
     module = instantiate(cfg.task, **parts)
     if cfg.get("base"):  # fine-tuning: start from trained weights
         log.info("base weights for %s from %s", load_base(module, cfg.base), cfg.base)
+    if cfg.get("dreambooth"):  # prior preservation: class images from the base model
+        dataset, settings = cfg.data.dataset, cfg.dreambooth
+        if dataset.get("class_dir") and dataset.get("prior_loss_weight", 0) > 0:
+            ensure_class_images(
+                module,
+                dataset.class_dir,
+                dataset.class_prompt,
+                settings.class_images,
+                steps=settings.class_steps,
+                guidance_scale=settings.class_guidance,
+                seed=cfg.seed,
+            )
     if cfg.get("lora"):
         module.lora_report = apply_lora(module, cfg.lora)
+    if cfg.get("textual_inversion"):
+        module.ti_report = apply_textual_inversion(module, cfg.textual_inversion)
     module.run_config = OmegaConf.to_yaml(cfg, resolve=True)  # saved in every checkpoint
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
     loggers = [instantiate(c) for c in cfg.logger.values() if c is not None]

@@ -1,0 +1,229 @@
+"""Niche-adaptation recipes on the tiny model: DreamBooth (with and without prior
+preservation), Textual Inversion, and checkpoint merging."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from PIL import Image
+from safetensors import safe_open
+from trainutils import CONF, TINY_ANY_DATA, compose_train
+
+from ldm.diffusion.samplers import make_sampler
+from ldm.nn.lora import adapter_parameters, inject_lora, save_adapter
+from ldm.tools.merge import main as merge_main
+from ldm.tools.merge import merge, read_checkpoint
+from ldm.training.generate import load_model, sample
+from ldm.training.run import build, train
+
+# The class prompt is a caption the base model knows; the instance prompt shares its words,
+# so fine-tuning on the instance without prior preservation drifts the class too.
+CLASS = "a large red circle in the center on a white background"
+INSTANCE = "a large sks circle in the center on a white background"
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A tiny model trained briefly on the shapes."""
+    run = tmp_path_factory.mktemp("base")
+    steps = ["trainer.max_steps=300", "trainer.val_check_interval=300"]
+    train(
+        compose_train(
+            run, *steps, "task.optimizer.lr=2e-3", "callbacks.checkpoint.every_n_train_steps=300"
+        ),
+        run,
+    )
+    return run / "checkpoints" / "last.ckpt"
+
+
+def _sample_cfg(checkpoint, *overrides):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(
+            "sample", overrides=[f"checkpoint={checkpoint}", "image_size=16", *overrides]
+        )
+
+
+def _latents(checkpoint, prompt, seeds=range(8)):
+    """Sampled latents (the model's own feature space; x0 clipped for the tiny model)."""
+    module = load_model(_sample_cfg(checkpoint))
+    sampler = make_sampler("ddim", steps=10, clip_x0=3.0)
+    with torch.no_grad():
+        return module.generate(
+            [prompt] * len(seeds), sampler, seeds=list(seeds), decode=False
+        ), module
+
+
+def _instance_dir(tmp_path):
+    folder = tmp_path / "instance"
+    folder.mkdir()
+    for i in range(4):  # a subject the shapes never show: a magenta ring with a green dot
+        image = Image.new("RGB", (16, 16), (255, 255, 255))
+        for x in range(16):
+            for y in range(16):
+                r = ((x - 7.5) ** 2 + (y - 7.5) ** 2) ** 0.5
+                if 4 + (i % 2) * 0.5 < r < 7:
+                    image.putpixel((x, y), (230, 0, 230))
+                elif r < 2:
+                    image.putpixel((x, y), (0, 230, 0))
+        image.save(folder / f"{i}.png")
+    return folder
+
+
+def _dreambooth(tmp_path, base, name, *overrides):
+    run = tmp_path / name
+    cfg = compose_train(
+        run,
+        *TINY_ANY_DATA,
+        "experiment=dreambooth",
+        f"base={base}",
+        f"data.dataset.instance_dir={tmp_path / 'instance'}",
+        f"data.dataset.instance_prompt='{INSTANCE}'",
+        "data.dataset.size=16",
+        "data.batch_size=4",
+        "trainer.max_steps=150",
+        "trainer.val_check_interval=150",
+        "callbacks.checkpoint.every_n_train_steps=150",
+        "callbacks.samples.every_n_steps=1000",
+        "task.optimizer.lr=3e-3",
+        "dreambooth.class_images=8",
+        "dreambooth.class_steps=10",
+        *overrides,
+        tiny=False,
+    )
+    train(cfg, run)
+    return run
+
+
+def test_dreambooth_learns_the_subject_and_prior_preservation_keeps_the_class(tmp_path, base):
+    pixels = [np.asarray(Image.open(p)) for p in sorted(_instance_dir(tmp_path).iterdir())]
+    instance = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    before, module = _latents(base, INSTANCE)
+    with torch.no_grad():
+        target = module.vae.scale_latents(module.vae.encode(instance).mean).mean(0)
+
+    def distance(latents, reference):
+        return float((latents - reference).square().mean())
+
+    plain = _dreambooth(
+        tmp_path,
+        base,
+        "plain",
+        "data.dataset.class_prompt=null",
+        "data.dataset.prior_loss_weight=0",
+    )
+    prior = _dreambooth(tmp_path, base, "prior", f"data.dataset.class_prompt='{CLASS}'")
+    assert len(list((prior / "class_images").glob("class_*.png"))) == 8  # made by the base model
+    after, _ = _latents(plain / "checkpoints" / "last.ckpt", INSTANCE)
+    assert distance(after, target) < 0.7 * distance(before, target)  # the subject is learnt
+
+    reference, _ = _latents(base, CLASS)  # what the base model draws for the class
+    drift_plain = distance(_latents(plain / "checkpoints" / "last.ckpt", CLASS)[0], reference)
+    drift_prior = distance(_latents(prior / "checkpoints" / "last.ckpt", CLASS)[0], reference)
+    assert drift_prior < drift_plain, (drift_prior, drift_plain)
+
+
+def test_textual_inversion_trains_only_the_new_rows_and_round_trips(tmp_path, base):
+    _instance_dir(tmp_path)
+    run = tmp_path / "ti"
+    cfg = compose_train(
+        run,
+        *TINY_ANY_DATA,
+        "experiment=textual_inversion",
+        f"base={base}",
+        f"data.dataset.instance_dir={tmp_path / 'instance'}",
+        "data.dataset.instance_prompt='a photo of <ring>'",
+        "data.dataset.size=16",
+        "textual_inversion.tokens=['<ring>']",
+        "textual_inversion.init_words=[circle]",
+        "trainer.max_steps=20",
+        "trainer.val_check_interval=20",
+        "callbacks.checkpoint.every_n_train_steps=20",
+        "callbacks.samples.every_n_steps=1000",
+        tiny=False,
+    )
+    module, data, trainer = build(cfg, run)
+    start = {k: v.clone() for k, v in module.state_dict().items()}
+    trainer.fit(module, datamodule=data)
+    end = module.state_dict()
+    changed = [k for k, v in start.items() if not torch.equal(end[k], v)]
+    assert changed == ["networks.conditioner.token_embedding.extra"]  # only the new row
+    assert module.conditioner.token_embedding.extra.shape == (1, 32)
+    with safe_open(str(run / "embeddings.safetensors"), "pt") as handle:
+        assert list(handle.keys()) == ["<ring>"]
+    # The trained checkpoint, and the base plus the embeddings file, draw the same images.
+    prompt = ["prompts=['a photo of <ring>']", "num_per_prompt=2", "sampler.steps=5"]
+    ours = sample(_sample_cfg(run / "checkpoints" / "last.ckpt", *prompt), tmp_path / "a")
+    loaded = sample(
+        _sample_cfg(base, *prompt, f"embeddings=[{run / 'embeddings.safetensors'}]"), tmp_path / "b"
+    )
+    assert [p.read_bytes() for p in ours] == [p.read_bytes() for p in loaded]
+
+
+def test_merging(tmp_path, base):
+    other = tmp_path / "other"
+    train(compose_train(other, "trainer.max_steps=2", "seed=1"), other)
+    third = tmp_path / "third"
+    train(compose_train(third, "trainer.max_steps=2", "seed=2"), third)
+    a, b, c = base, other / "checkpoints" / "last.ckpt", third / "checkpoints" / "last.ckpt"
+    first = read_checkpoint(a)[0]
+
+    out = merge("weighted", [a, b], tmp_path / "w.safetensors", weights=[1.0, 0.0])
+    merged, carried = read_checkpoint(out)
+    assert all(torch.equal(merged[k], v) for k, v in first.items())
+    assert "ldm_config" in carried  # sample.py and base= can read the result
+    assert (
+        merge_main(
+            [
+                "method=add_difference",
+                f"inputs=[{a},{b},{c}]",
+                "alpha=0.0",
+                f"out={tmp_path / 'd.safetensors'}",
+            ]
+        )
+        == 0
+    )
+    merged, _ = read_checkpoint(tmp_path / "d.safetensors")
+    assert all(torch.equal(merged[k], v) for k, v in first.items())
+    with safe_open(str(tmp_path / "d.safetensors"), "pt") as handle:
+        provenance = json.loads(handle.metadata()["ldm_merge"])
+    assert provenance["method"] == "add_difference" and len(provenance["inputs"]) == 3
+    assert all(len(i["sha256"]) == 64 for i in provenance["inputs"])
+
+    # Baking an adapter in gives what running with the adapter gives.
+    module = load_model(_sample_cfg(a))
+    networks = module.sampling_networks()
+    inject_lora(networks["unet"], "style", targets="attn", rank=4, alpha=8)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in adapter_parameters(networks):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    networks.lora_settings = {"style": networks["unet"].lora_settings["style"]}
+    save_adapter(networks, tmp_path / "style.safetensors", "style")
+    baked = merge(
+        "bake",
+        [a],
+        tmp_path / "baked.safetensors",
+        adapters=[f"{tmp_path / 'style.safetensors'}:0.5"],
+    )
+    from ldm.nn.lora import set_adapter_weights
+
+    set_adapter_weights(networks, {"style": 0.5})
+    plain = load_model(_sample_cfg(baked))
+    x, t, context = torch.randn(2, 4, 4, 4), torch.tensor([5.0, 500.0]), torch.randn(2, 16, 32)
+    with torch.no_grad():
+        want = networks["unet"](x, t, context)
+        got = plain.sampling_networks()["unet"](x, t, context)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+    # Different architectures are refused, naming what differs.
+    small = tmp_path / "small"
+    train(
+        compose_train(
+            small, "trainer.max_steps=1", "model.unet.model_channels=8", "model.unet.head_dim=8"
+        ),
+        small,
+    )
+    with pytest.raises(ValueError, match=r"different architectures.*different shapes"):
+        merge("weighted", [a, small / "checkpoints" / "last.ckpt"], tmp_path / "x.safetensors")
