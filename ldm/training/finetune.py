@@ -15,19 +15,32 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 from ldm.convert.checkpoint import load_into, read_weights
 from ldm.convert.stable_diffusion import load_diffusers_folder, split_checkpoint
 from ldm.nn.lora import LoRASettings, adapter_parameters, inject_lora
-from ldm.training.checkpoints import read_ours
+from ldm.training.checkpoints import CONFIG_KEY, read_ours
 from ldm.training.ema import EMA
 
 log = logging.getLogger(__name__)
 
 
-def load_base(module: nn.Module, path: str | Path) -> list[str]:
-    """Load base weights into ``module.networks``; returns the networks that got some."""
+# What a base model and its fine-tuning must agree on (else the weights learn a new task).
+DIFFUSION_KEYS = (
+    "prediction",
+    "schedule.name",
+    "schedule.num_train_timesteps",
+    "schedule.zero_terminal_snr",
+)
+
+
+def load_base(
+    module: nn.Module, path: str | Path, diffusion: Mapping[str, Any] | None = None
+) -> list[str]:
+    """Load base weights into ``module.networks``; returns the networks that got some.
+    ``diffusion`` (the run's diffusion config) must match a base of ours on DIFFUSION_KEYS."""
     path = Path(path)
     networks: nn.ModuleDict = module.networks
     loaded = []
@@ -37,6 +50,8 @@ def load_base(module: nn.Module, path: str | Path) -> list[str]:
         )
         return ["unet"]
     state = read_ours(path) or {}
+    if diffusion is not None and state.get(CONFIG_KEY):
+        _check_diffusion(OmegaConf.create(state[CONFIG_KEY]).diffusion, diffusion, path)
     if any(k.startswith("networks.") for k in state.get("state_dict", {})):
         weights = state["state_dict"]
         for name, network in networks.items():
@@ -59,6 +74,17 @@ def load_base(module: nn.Module, path: str | Path) -> list[str]:
         load_into(conditioner, split.parts["text"], what=f"text encoder of {path}")
         loaded.append("conditioner")
     return loaded
+
+
+def _check_diffusion(base: Any, run: Any, path: Path) -> None:
+    base, run = OmegaConf.create(base), OmegaConf.create(run)
+    for key in DIFFUSION_KEYS:
+        want, got = OmegaConf.select(base, key), OmegaConf.select(run, key)
+        if want != got:
+            raise ValueError(
+                f"base={path} was trained with diffusion.{key}={want}, this run has {got}: "
+                f"fine-tuning would teach it a different task. Add diffusion.{key}={want}."
+            )
 
 
 def apply_lora(module: nn.Module, cfg: Mapping[str, Any]) -> dict[str, Any]:

@@ -35,7 +35,8 @@ def build(
         parts["vae"] = frozen_vae(cfg)
     module = instantiate(cfg.task, **parts)
     if cfg.get("base"):  # fine-tuning: start from trained weights
-        log.info("base weights for %s from %s", load_base(module, cfg.base), cfg.base)
+        loaded = load_base(module, cfg.base, cfg.diffusion)
+        log.info("base weights for %s from %s", loaded, cfg.base)
     if cfg.get("dreambooth"):  # prior preservation: class images from the base model
         dataset, settings = cfg.data.dataset, cfg.dreambooth
         if dataset.get("class_dir") and dataset.get("prior_loss_weight", 0) > 0:
