@@ -4,7 +4,7 @@ PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?= -n 2
 
-.PHONY: quickstart study test lint format clean
+.PHONY: quickstart study ddim-study test lint format clean
 
 $(STAMP): pyproject.toml
 	test -x $(PYTHON) || python3 -m venv $(VENV)
@@ -24,6 +24,22 @@ quickstart: $(STAMP)  ## tiny VAE + latent diffusion on the built-in shapes, the
 
 study: $(STAMP)  ## sampler study on analytic data: table + plots under outputs/study/
 	$(PYTHON) study.py
+
+OUT := $(or $(LDM_OUTPUT_DIR),outputs)
+DDIM := $(OUT)/ddim_study
+
+ddim-study: $(STAMP)  ## the DDIM paper's eta x steps comparison on the shapes model (docs/ddim-study.md)
+	test -f $(QUICK)/vae/checkpoints/last.ckpt || \
+		$(PYTHON) train.py experiment=shapes_vae name=quickstart/vae trainer.max_steps=1000
+	test -f $(QUICK)/latents/val/cache.json || $(PYTHON) -m ldm.data.latents \
+		$(QUICK)/vae/checkpoints/last.ckpt $(QUICK)/latents --data shapes --splits train val
+	test -f $(DDIM)/ldm/checkpoints/last.ckpt || $(PYTHON) train.py experiment=shapes_ldm \
+		name=ddim_study/ldm data=latents data.dataset.root=$(QUICK)/latents trainer.max_steps=4000
+	$(PYTHON) evaluate.py checkpoint=$(DDIM)/ldm/checkpoints/last.ckpt num_samples=500 \
+		reference_count=1000 'grid.steps=[10,20,50,100,1000]' 'grid.eta=[0.0,0.5,1.0]' \
+		cache_dir=$(DDIM)/reference_stats hydra.run.dir=$(DDIM)/eval
+	$(PYTHON) benchmarks/fid_floors.py $(DDIM)/reference_stats/reference-*.safetensors \
+		--vae $(QUICK)/vae/checkpoints/last.ckpt
 
 test: $(STAMP) lint  ## lint, then the whole test suite
 	$(PYTHON) -m pytest $(PYTEST_ARGS)

@@ -51,7 +51,7 @@ def evaluate(cfg: DictConfig, out_dir: str | Path) -> list[dict[str, Any]]:
         )
         if fabric.global_rank == 0:
             how = "extracted" if extracted else "reused from the cache"
-            print(f"reference statistics: {how} ({count} samples)")
+            print(f"reference statistics: {how} ({count} samples)", flush=True)
     module = load_model(cfg).to(fabric.device)
     clip = instantiate(cfg.clip).to(fabric.device) if cfg.clip else None
     evaluator = Evaluator(
@@ -66,17 +66,17 @@ def evaluate(cfg: DictConfig, out_dir: str | Path) -> list[dict[str, Any]]:
         kid_subset_size=cfg.kid_subset_size,
         clip=clip,
     )
-    rows = []
+    rows: list[dict] = []
+    meta = OmegaConf.to_container(cfg, resolve=True) | {"world_size": fabric.world_size}
     for point in grid_points(cfg.grid):
         for repeat in range(cfg.repeats):
             row = evaluator.score(module, point, repeat)
             rows.append(row)
             if fabric.global_rank == 0:
                 what = f"{point.label}, {point.steps} steps, repeat {repeat}"
-                print(f"{what}: FID {row['fid']:.3f} (NFE {row['nfe']:.0f})")
+                print(f"{what}: FID {row['fid']:.3f} (NFE {row['nfe']:.0f})", flush=True)
+                paths = write_results(rows, out_dir, meta)  # after every row: nothing lost
     if fabric.global_rank == 0:
-        meta = OmegaConf.to_container(cfg, resolve=True) | {"world_size": fabric.world_size}
-        paths = write_results(rows, out_dir, meta)
         print(markdown_table(summarize(rows)))
         print(f"wrote {', '.join(str(p) for p in paths.values())}")
         (Path(out_dir) / "provenance.json").write_text(json.dumps(common, indent=2, default=str))

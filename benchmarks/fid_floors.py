@@ -1,0 +1,64 @@
+"""FID floors for a study: what real images, and their VAE reconstructions, score against
+the same cached reference statistics at the same n as the generated samples.
+
+A generated set cannot beat the first floor (other real images of the dataset), and a
+latent model cannot beat the second (its VAE's round trip) by much. Both give the scale on
+which a study's FIDs are to be read.
+
+    .venv/bin/python benchmarks/fid_floors.py REFERENCE.safetensors --vae VAE.ckpt [--n 500]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def main() -> None:
+    from hydra.utils import instantiate
+
+    from ldm.metrics.extractors import make_extractor, to_uint8
+    from ldm.metrics.reference import read_reference
+    from ldm.metrics.scores import GenerativeMetrics
+    from ldm.training.checkpoints import load_vae
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("reference", help="a reference-*.safetensors of evaluate.py")
+    parser.add_argument("--vae", required=True, help="the VAE checkpoint of the study's model")
+    parser.add_argument("--n", type=int, default=500, help="images per set (the study's n)")
+    parser.add_argument("--split", default="train", help="where the real images come from")
+    parser.add_argument("--extractor", default="torchscript:fid-helper")
+    parser.add_argument("--batch-size", type=int, default=50)
+    args = parser.parse_args()
+
+    reference, provenance = read_reference(args.reference)
+    dataset = instantiate(provenance["dataset"])(args.split)
+    if args.split == provenance["split"]:
+        sys.exit(f"--split {args.split} is the reference's own split: pick another one")
+    extractor, vae = make_extractor(args.extractor), load_vae(args.vae).eval()
+    for name in ("real images", "VAE reconstructions"):
+        metrics = GenerativeMetrics(reference, kid_subset_size=args.n)
+        for start in range(0, args.n, args.batch_size):
+            indices = range(start, min(start + args.batch_size, args.n))
+            images = torch.stack([dataset[i]["image"] for i in indices])
+            with torch.no_grad():
+                if name.startswith("VAE"):
+                    images = vae.decode(vae.encode(images).mean).clamp(-1, 1)
+                features = extractor.features(to_uint8(images))
+            metrics.update(features, torch.tensor(list(indices)))
+        result = metrics.compute()
+        print(
+            f"{name} ({args.split}, n={args.n}) vs {provenance['split']} reference "
+            f"(n={len(reference)}): FID {result['fid']:.2f}, KID {result['kid_mean']:.4f}",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
