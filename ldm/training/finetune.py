@@ -36,12 +36,24 @@ DIFFUSION_KEYS = (
 )
 
 
+def restart_ema(module: nn.Module) -> None:
+    """Start a module's EMA (if it keeps one) afresh from its current networks."""
+    if getattr(module, "ema", None) is not None:
+        module.ema = EMA(module._trainable(), module.ema.decay, module.ema.warmup)
+
+
 def load_base(
     module: nn.Module, path: str | Path, diffusion: Mapping[str, Any] | None = None
 ) -> list[str]:
-    """Load base weights into ``module.networks``; returns the networks that got some.
-    ``diffusion`` (the run's diffusion config) must match a base of ours on DIFFUSION_KEYS."""
-    path = Path(path)
+    """Load base weights into ``module.networks`` and restart its EMA from them; returns
+    the networks that got some. ``diffusion`` (the run's diffusion config) must match a
+    base of ours on DIFFUSION_KEYS."""
+    loaded = _load_base(module, Path(path), diffusion)
+    restart_ema(module)  # else the average would start from the random initialisation
+    return loaded
+
+
+def _load_base(module: nn.Module, path: Path, diffusion: Mapping[str, Any] | None) -> list[str]:
     networks: nn.ModuleDict = module.networks
     loaded = []
     if path.is_dir():
@@ -111,8 +123,7 @@ def apply_lora(module: nn.Module, cfg: Mapping[str, Any]) -> dict[str, Any]:
         )
         layers["conditioner"] = inject_lora(networks["conditioner"], name, text)
     networks.lora_settings = {name: settings}
-    if getattr(module, "ema", None) is not None:  # the average must hold the adapters too
-        module.ema = EMA(module._trainable(), module.ema.decay, module.ema.warmup)
+    restart_ema(module)  # the average must hold the adapters too
     trainable = sum(p.numel() for p in adapter_parameters(networks, name))
     total = sum(p.numel() for p in networks.parameters())
     report = {
@@ -189,8 +200,7 @@ def apply_textual_inversion(module: nn.Module, cfg: Mapping[str, Any]) -> dict[s
     module.networks.requires_grad_(False)
     tokens, words = list(cfg["tokens"]), list(cfg["init_words"])
     ids = add_tokens(conditioner, tokens, init_words=words)
-    if getattr(module, "ema", None) is not None:
-        module.ema = EMA(module._trainable(), module.ema.decay, module.ema.warmup)
+    restart_ema(module)
     trainable = sum(p.numel() for p in module.networks.parameters() if p.requires_grad)
     log.info(
         "textual inversion: tokens %s (ids %s) from %s; %s trainable parameters",

@@ -238,3 +238,12 @@ def test_merging(tmp_path, base):
     )
     with pytest.raises(ValueError, match=r"different architectures.*different shapes"):
         merge("weighted", [a, small / "checkpoints" / "last.ckpt"], tmp_path / "x.safetensors")
+
+
+def test_full_fine_tuning_starts_its_ema_from_the_base(tmp_path, base):
+    run = tmp_path / "ft"
+    module, _, _ = build(compose_train(run, f"base={base}", DIFFUSION), run)
+    assert module.ema is not None  # the default task keeps one
+    average = module.ema.average.state_dict()
+    for name, value in module.networks.state_dict().items():
+        assert torch.equal(average[name], value), name  # not the random initialisation
