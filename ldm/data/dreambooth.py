@@ -28,7 +28,7 @@ class DreamBoothDataset(Dataset):
         instance_dir: str | Path,  # 3-5 images of the subject
         instance_prompt: str,  # e.g. "a photo of sks dog"
         class_dir: str | Path | None = None,  # images of the class (generated if too few)
-        class_prompt: str | None = None,  # e.g. "a photo of a dog"
+        class_prompt: str | None = None,  # e.g. "a photo of a dog"; None: no prior loss
         prior_loss_weight: float = 1.0,  # weight of the class images' loss
         size: int = 512,
         crop: Crop = "center",
@@ -39,9 +39,7 @@ class DreamBoothDataset(Dataset):
         if not self.instances:
             raise ValueError(f"no instance images in {instance_dir}")
         self.classes: list[Path] = []
-        if split == "train" and class_dir is not None and prior_loss_weight > 0:
-            if not class_prompt:
-                raise ValueError("class images need a class_prompt")
+        if split == "train" and class_dir is not None and class_prompt and prior_loss_weight > 0:
             folder = Path(class_dir)
             self.classes = list_images(folder) if folder.is_dir() else []
             if not self.classes:

@@ -39,7 +39,8 @@ def build(
         log.info("base weights for %s from %s", loaded, cfg.base)
     if cfg.get("dreambooth"):  # prior preservation: class images from the base model
         dataset, settings = cfg.data.dataset, cfg.dreambooth
-        if dataset.get("class_dir") and dataset.get("prior_loss_weight", 0) > 0:
+        wanted = dataset.get("class_prompt") and dataset.get("prior_loss_weight", 0) > 0
+        if wanted and dataset.get("class_dir"):
             ensure_class_images(
                 module,
                 dataset.class_dir,

@@ -122,7 +122,6 @@ def test_dreambooth_learns_the_subject_and_prior_preservation_keeps_the_class(tm
         base,
         "plain",
         "data.dataset.class_prompt=null",
-        "data.dataset.prior_loss_weight=0",
     )
     prior = _dreambooth(tmp_path, base, "prior", f"data.dataset.class_prompt='{CLASS}'")
     assert len(list((prior / "class_images").glob("class_*.png"))) == 8  # made by the base model
@@ -247,3 +246,23 @@ def test_full_fine_tuning_starts_its_ema_from_the_base(tmp_path, base):
     average = module.ema.average.state_dict()
     for name, value in module.networks.state_dict().items():
         assert torch.equal(average[name], value), name  # not the random initialisation
+
+
+def test_dreambooth_lora_trains_only_the_adapter(tmp_path, base):
+    _instance_dir(tmp_path)
+    run = tmp_path / "db_lora"
+    overrides = [
+        *TINY_ANY_DATA,
+        "experiment=dreambooth",
+        f"base={base}",
+        f"data.dataset.instance_dir={tmp_path / 'instance'}",
+        f"data.dataset.instance_prompt='{INSTANCE}'",
+        "data.dataset.size=16",
+        "data.dataset.class_prompt=null",
+        "lora=attn",
+        DIFFUSION,
+    ]
+    module, _, _ = build(compose_train(run, *overrides, tiny=False), run)
+    trainable = {n for n, p in module.networks.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora." in n for n in trainable)
+    assert module.hparams.cond_drop_prob == 0.0  # the recipe's setting survives lora=
