@@ -182,7 +182,7 @@ def ensure_class_images(
             seeds=[seed + i for i in chunk],
         )
         for index, image in zip(chunk, images, strict=True):
-            tmp = folder / f".class_{index:05d}.tmp.png"
+            tmp = folder / f".class_{index:05d}.{os.getpid()}.tmp.png"  # DDP ranks: same image
             save_image(image * 0.5 + 0.5, tmp)
             os.replace(tmp, folder / f"class_{index:05d}.png")
     module.train(was_training)
