@@ -64,7 +64,14 @@ def test_a_sweep_writes_one_row_per_grid_point_and_the_plot(checkpoint, tmp_path
 
 
 def _evaluate_cli(tmp_path, checkpoint, name, *extra):
-    env = {**os.environ, "LDM_OUTPUT_DIR": str(tmp_path), "PYTHONWARNINGS": "ignore"}
+    # One thread per process in both runs: Lightning otherwise gives each of N processes
+    # cores / N threads, and sums split over another thread count round differently.
+    env = {
+        **os.environ,
+        "LDM_OUTPUT_DIR": str(tmp_path),
+        "PYTHONWARNINGS": "ignore",
+        "OMP_NUM_THREADS": "1",
+    }
     args = [
         *BASE,
         f"checkpoint={checkpoint}",
