@@ -6,6 +6,7 @@ Pickle-based files (``.ckpt``, ``.pt``, ``.pth``, ``.bin``) load with
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import tempfile
@@ -22,6 +23,15 @@ _SHOWN = 20  # keys listed in an error before "... and N more"
 def _listing(keys: list[str]) -> str:
     shown = ", ".join(keys[:_SHOWN])
     return shown + (f", ... and {len(keys) - _SHOWN} more" if len(keys) > _SHOWN else "")
+
+
+def file_digest(path: str | Path) -> str:
+    """SHA-256 of a file's bytes (hex), read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_weights(path: str | Path) -> dict[str, Tensor]:

@@ -16,7 +16,6 @@ reference-statistics cache must match.
 
 from __future__ import annotations
 
-import hashlib
 import warnings
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -25,6 +24,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ldm.convert.checkpoint import file_digest
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = (
@@ -40,14 +41,6 @@ def to_uint8(images: Tensor) -> Tensor:
     The one conversion every metric sees, for generated and reference images alike (what
     saving a PNG and reading it back would give)."""
     return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class FeatureExtractor(nn.Module, ABC):

@@ -16,7 +16,6 @@ input's training config when it had one, so ``sample.py`` and ``base=`` read it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import sys
@@ -29,19 +28,11 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from ldm.convert.checkpoint import read_weights, save_safetensors
+from ldm.convert.checkpoint import file_digest, read_weights, save_safetensors
 from ldm.training.checkpoints import CONFIG_KEY, load_checkpoint
 
 METHODS = ("weighted", "add_difference", "bake")
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
-
-
-def _digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -216,12 +207,12 @@ def merge(
             raise ValueError("bake takes one base input and at least one adapter")
         merged = bake(states[0], [_adapter(a, states[0]) for a in adapters])
         provenance["adapters"] = [
-            {"path": path, "weight": weight, "sha256": _digest(Path(path))}
+            {"path": path, "weight": weight, "sha256": file_digest(path)}
             for path, weight in map(split_spec, adapters)
         ]
         weights = None
     provenance["inputs"] = [
-        {"path": str(p), "sha256": _digest(p), **({"weight": w} if weights else {})}
+        {"path": str(p), "sha256": file_digest(p), **({"weight": w} if weights else {})}
         for p, w in zip(paths, weights or [None] * len(paths), strict=True)
     ]
     metadata = {"ldm_merge": json.dumps(provenance), **loaded[0][1]}

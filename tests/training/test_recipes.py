@@ -81,16 +81,23 @@ def _instance_dir(tmp_path):
     return folder
 
 
+def _recipe(tmp_path, base, experiment, prompt):
+    """A recipe's overrides: the base, the instance images and prompt, 16 px."""
+    return [
+        *TINY_ANY_DATA,
+        f"experiment={experiment}",
+        f"base={base}",
+        f"data.dataset.instance_dir={tmp_path / 'instance'}",
+        f"data.dataset.instance_prompt='{prompt}'",
+        "data.dataset.size=16",
+    ]
+
+
 def _dreambooth(tmp_path, base, name, *overrides):
     run = tmp_path / name
     cfg = compose_train(
         run,
-        *TINY_ANY_DATA,
-        "experiment=dreambooth",
-        f"base={base}",
-        f"data.dataset.instance_dir={tmp_path / 'instance'}",
-        f"data.dataset.instance_prompt='{INSTANCE}'",
-        "data.dataset.size=16",
+        *_recipe(tmp_path, base, "dreambooth", INSTANCE),
         "data.batch_size=4",
         "trainer.max_steps=150",
         "trainer.val_check_interval=150",
@@ -139,12 +146,7 @@ def test_textual_inversion_trains_only_the_new_rows_and_round_trips(tmp_path, ba
     _instance_dir(tmp_path)
     run = tmp_path / "ti"
     overrides = [
-        *TINY_ANY_DATA,
-        "experiment=textual_inversion",
-        f"base={base}",
-        f"data.dataset.instance_dir={tmp_path / 'instance'}",
-        "data.dataset.instance_prompt='a photo of <ring>'",
-        "data.dataset.size=16",
+        *_recipe(tmp_path, base, "textual_inversion", "a photo of <ring>"),
         "textual_inversion.tokens=['<ring>']",
         "textual_inversion.init_words=[circle]",
         "trainer.max_steps=20",
@@ -252,12 +254,7 @@ def test_dreambooth_lora_trains_only_the_adapter(tmp_path, base):
     _instance_dir(tmp_path)
     run = tmp_path / "db_lora"
     overrides = [
-        *TINY_ANY_DATA,
-        "experiment=dreambooth",
-        f"base={base}",
-        f"data.dataset.instance_dir={tmp_path / 'instance'}",
-        f"data.dataset.instance_prompt='{INSTANCE}'",
-        "data.dataset.size=16",
+        *_recipe(tmp_path, base, "dreambooth", INSTANCE),
         "data.dataset.class_prompt=null",
         "lora=attn",
         DIFFUSION,
