@@ -38,7 +38,8 @@ class ExtendedEmbedding(nn.Embedding):
         return out
 
 
-def _embedding(conditioner: nn.Module) -> nn.Embedding:
+def token_embedding(conditioner: nn.Module) -> nn.Embedding:
+    """The token embedding of a text conditioner (OpenCLIP tower or from-scratch encoder)."""
     owner = conditioner.model if hasattr(conditioner, "model") else conditioner
     return owner.token_embedding
 
@@ -73,7 +74,7 @@ def add_tokens(
     clash = [t for t in tokens if t in existing or " " in t or not t]
     if clash:
         raise ValueError(f"cannot add tokens {clash}: already added, empty or containing spaces")
-    embedding = _embedding(conditioner)
+    embedding = token_embedding(conditioner)
     if vectors is None:
         if init_words is None or len(init_words) != len(tokens):
             raise ValueError("give one init word per token (or the vectors)")
@@ -108,7 +109,7 @@ def _word_vector(conditioner: nn.Module, embedding: nn.Embedding, word: str) -> 
 
 def token_vectors(conditioner: nn.Module) -> dict[str, Tensor]:
     """Every added token's current vector."""
-    embedding = _embedding(conditioner)
+    embedding = token_embedding(conditioner)
     extra = getattr(embedding, "extra", None)
     return {t: extra[i].detach().clone() for i, t in enumerate(added_tokens(conditioner))}
 
@@ -123,7 +124,7 @@ def save_embeddings(
     chosen = list(tokens) if tokens is not None else list(vectors)
     info = {
         "tokens": chosen,
-        "width": _embedding(conditioner).embedding_dim,
+        "width": token_embedding(conditioner).embedding_dim,
         "conditioner": type(conditioner).__name__,
     }
     return save_safetensors(path, {t: vectors[t] for t in chosen}, {METADATA_KEY: json.dumps(info)})

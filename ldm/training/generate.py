@@ -28,13 +28,14 @@ from ldm.convert.stable_diffusion import (
     load_diffusers_folder,
     split_checkpoint,
 )
-from ldm.models.textual_inversion import add_tokens, load_embeddings
+from ldm.models.textual_inversion import load_embeddings
 from ldm.models.unet import UNet
 from ldm.models.vae import AutoencoderKL
 from ldm.nn.lora import load_adapter, merge_adapters
 from ldm.tools.merge import split_spec
 from ldm.training.checkpoints import CONFIG_KEY, SD_VAE_SCALE, read_ours
 from ldm.training.diffusion import LatentDiffusion
+from ldm.training.finetune import apply_lora, apply_textual_inversion
 
 
 def _ours(path: Path, state: dict[str, Any], use_ema: bool) -> LatentDiffusion:
@@ -45,21 +46,18 @@ def _ours(path: Path, state: dict[str, Any], use_ema: bool) -> LatentDiffusion:
         )
     vae = AutoencoderKL(**state["vae_config"]) if "vae_config" in state else None
     module = instantiate(saved.task, vae=vae, optimizer=None, lr_scheduler=None)
-    if saved.get("textual_inversion"):  # its tokens first, so that the state dict fits
-        tokens = list(saved.textual_inversion.tokens)
-        width = _embedding_width(module.conditioner)
-        add_tokens(module.conditioner, tokens, vectors=torch.zeros(len(tokens), width))
+    # Rebuild what fine-tuning added (adapters, tokens, the EMA of the trained parts) so
+    # that the state dict fits; the values then come from it.
+    if saved.get("lora"):
+        apply_lora(module, saved.lora)
+    if saved.get("textual_inversion"):
+        apply_textual_inversion(module, saved.textual_inversion)
     load_into(module, state["state_dict"], what=str(path))
     if vae is not None:
         vae.scale_factor = state["vae_config"]["scale_factor"]
     if not use_ema and module.ema is not None:
         module.ema = None  # sample with the raw weights
     return module
-
-
-def _embedding_width(conditioner: torch.nn.Module) -> int:
-    owner = conditioner.model if hasattr(conditioner, "model") else conditioner
-    return owner.token_embedding.embedding_dim
 
 
 def _stable_diffusion(path: Path, cfg: DictConfig) -> LatentDiffusion:
@@ -108,9 +106,9 @@ def load_model(cfg: DictConfig) -> LatentDiffusion:
         module.image_size = (size, size) if isinstance(size, int) else tuple(size)
     for path in cfg.get("embeddings") or []:  # textual-inversion tokens
         load_embeddings(module.sampling_networks()["conditioner"], path)
-    for index, spec in enumerate(cfg.get("lora") or []):
+    for index, spec in enumerate(cfg.get("adapters") or []):  # LoRA files
         load_lora(module, str(spec), f"lora{index}")
-    if cfg.get("lora") and cfg.get("lora_merge"):
+    if cfg.get("adapters") and cfg.get("adapters_merge"):
         merge_adapters(module.sampling_networks())
     device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else cfg.device
     return module.to("cpu" if device == "auto" else device).eval()

@@ -11,6 +11,7 @@ from ldm.models.textual_inversion import (
     add_tokens,
     load_embeddings,
     save_embeddings,
+    token_embedding,
     token_vectors,
 )
 
@@ -53,7 +54,7 @@ def test_placeholder_starts_as_its_init_word_and_changes_nothing_else(make):
 def test_only_the_new_rows_train_and_they_round_trip(make, tmp_path):
     encoder = make()
     add_tokens(encoder, ["<a>", "<b>"], init_words=["cat", "lighthouse"])
-    embedding = (encoder.model if hasattr(encoder, "model") else encoder).token_embedding
+    embedding = token_embedding(encoder)
     table = embedding.weight.detach().clone()
     encoder.requires_grad_(False)
     embedding.extra.requires_grad_(True)

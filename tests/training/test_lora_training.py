@@ -4,10 +4,12 @@ optimizer, the loss on the data goes down, the adapter file and the grids come o
 import json
 
 import torch
+from hydra import compose, initialize_config_dir
 from torch.utils.data import default_collate
-from trainutils import compose_train
+from trainutils import CONF, compose_train
 
 from ldm.nn.lora import adapter_parameters, read_adapter
+from ldm.training.generate import sample
 from ldm.training.run import build, train
 
 
@@ -52,3 +54,18 @@ def test_lora_finetuning_by_config(tmp_path):
     assert info["trainable_parameters"] == sum(v.numel() for v in tensors.values())
     legend = json.loads((run / "samples" / "grid.json").read_text())
     assert any("without the adapters" in c for c in legend["columns"])
+
+    # The run's own checkpoint samples as the base plus its adapter file does.
+    prompt = ["prompts=['a red circle']", "num_per_prompt=2", "sampler.steps=3", "image_size=16"]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        own = compose("sample", overrides=[f"checkpoint={run / 'checkpoints/last.ckpt'}", *prompt])
+        with_file = compose(
+            "sample",
+            overrides=[
+                f"checkpoint={base_run / 'checkpoints' / 'last.ckpt'}",
+                f"adapters=[{run / 'adapter.safetensors'}]",
+                *prompt,
+            ],
+        )
+    a, b = sample(own, tmp_path / "own"), sample(with_file, tmp_path / "file")
+    assert [p.read_bytes() for p in a] == [p.read_bytes() for p in b]

@@ -149,6 +149,7 @@ def test_textual_inversion_trains_only_the_new_rows_and_round_trips(tmp_path, ba
         *_recipe(tmp_path, base, "textual_inversion", "a photo of <ring>"),
         "textual_inversion.tokens=['<ring>']",
         "textual_inversion.init_words=[circle]",
+        "task.ema_decay=0.9",  # the EMA copy gets the tokens too
         "trainer.max_steps=20",
         "trainer.val_check_interval=20",
         "callbacks.checkpoint.every_n_train_steps=20",
@@ -162,7 +163,11 @@ def test_textual_inversion_trains_only_the_new_rows_and_round_trips(tmp_path, ba
     trainer.fit(module, datamodule=data)
     end = module.state_dict()
     changed = [k for k, v in start.items() if not torch.equal(end[k], v)]
-    assert changed == ["networks.conditioner.token_embedding.extra"]  # only the new row
+    assert sorted(changed) == [  # only the new row (and its average)
+        "ema.average.conditioner.token_embedding.extra",
+        "ema.updates",
+        "networks.conditioner.token_embedding.extra",
+    ]
     assert module.conditioner.token_embedding.extra.shape == (1, 32)
     with safe_open(str(run / "embeddings.safetensors"), "pt") as handle:
         assert list(handle.keys()) == ["<ring>"]
