@@ -7,6 +7,7 @@ gathered with each sample's global index and sorted before KID (Binkowski et al.
 IS (Salimans et al. 2016) draw their seeded subsets and splits: 1 or N processes give the
 same numbers for the same samples. FID (Heusel et al. 2017) is computed in float64 as
 torchmetrics computes it, ``|mu1 - mu2|^2 + tr S1 + tr S2 - 2 sum sqrt(eig(S1 S2))``.
+Precision and recall are Kynkäänniemi et al. (2019)'s k-nearest-neighbour manifolds.
 """
 
 from __future__ import annotations
@@ -28,6 +29,36 @@ def frechet_distance(mu1: Tensor, sigma1: Tensor, mu2: Tensor, sigma2: Tensor) -
     return (mu1 - mu2).square().sum() + sigma1.trace() + sigma2.trace() - 2 * root_trace
 
 
+def knn_radii(features: Tensor, k: int, chunk: int = 1024) -> Tensor:
+    """Each point's distance to its k-th nearest other point of the same set."""
+    return torch.cat(
+        [
+            torch.cdist(features[i : i + chunk], features).kthvalue(k + 1, dim=1).values
+            for i in range(0, len(features), chunk)
+        ]
+    )
+
+
+def manifold_coverage(queries: Tensor, support: Tensor, radii: Tensor, chunk: int = 1024) -> float:
+    """The fraction of ``queries`` inside some support point's k-NN ball."""
+    inside = [
+        (torch.cdist(queries[i : i + chunk], support) <= radii[None]).any(dim=1)
+        for i in range(0, len(queries), chunk)
+    ]
+    return float(torch.cat(inside).double().mean())
+
+
+def precision_recall(real: Tensor, fake: Tensor, k: int = 3) -> tuple[float, float]:
+    """Improved precision (generated samples on the real manifold: fidelity) and recall
+    (real samples on the generated manifold: diversity), Kynkäänniemi et al. 2019."""
+    if min(len(real), len(fake)) <= k:
+        raise ValueError(f"precision / recall with k={k} need more than {k} samples per set")
+    real, fake = real.double(), fake.double()
+    precision = manifold_coverage(fake, real, knn_radii(real, k))
+    recall = manifold_coverage(real, fake, knn_radii(fake, k))
+    return precision, recall
+
+
 def _moments(total: Tensor, outer: Tensor, n: Tensor) -> tuple[Tensor, Tensor]:
     """Mean and unbiased covariance from sums (torchmetrics' FID formula)."""
     mu = total / n
@@ -36,8 +67,9 @@ def _moments(total: Tensor, outer: Tensor, n: Tensor) -> tuple[Tensor, Tensor]:
 
 class GenerativeMetrics(Metric):
     """``update(features, index, logits=None, clip_scores=None)`` per batch of generated
-    samples, then ``compute()`` -> ``{"fid", "kid_mean", "kid_std", "is_mean", "is_std",
-    "clip_score", "n_real", "n_fake"}`` (keys whose inputs were not given are left out)."""
+    samples, then ``compute()`` -> ``{"fid", "kid_mean", "kid_std", "precision", "recall",
+    "is_mean", "is_std", "clip_score", "n_real", "n_fake"}`` (keys whose inputs were not
+    given are left out)."""
 
     full_state_update = False
 
@@ -49,6 +81,7 @@ class GenerativeMetrics(Metric):
         kid_subset_size: int = 1000,  # capped at the smaller sample count
         is_splits: int = 10,
         seed: int = 0,  # KID subsets and IS splits
+        pr_k: int | None = 3,  # precision / recall neighbourhood; None: not computed
     ):
         super().__init__()
         if reference.ndim != 2 or len(reference) < 2:
@@ -56,7 +89,7 @@ class GenerativeMetrics(Metric):
                 f"reference features must be (N >= 2, D), got {tuple(reference.shape)}"
             )
         self.kid_subsets, self.kid_subset_size = kid_subsets, kid_subset_size
-        self.is_splits, self.seed = is_splits, seed
+        self.is_splits, self.seed, self.pr_k = is_splits, seed, pr_k
         self.register_buffer("reference", reference.double(), persistent=False)
         dim = reference.shape[1]
         self.add_state("total", default=torch.zeros(dim, dtype=torch.float64), dist_reduce_fx="sum")
@@ -115,6 +148,8 @@ class GenerativeMetrics(Metric):
                 scores.append(poly_mmd(r, f))
             kid = torch.stack(scores)
             out.update(kid_mean=float(kid.mean()), kid_std=float(kid.std(unbiased=False)))
+        if self.pr_k is not None and min(len(real), len(fake)) > self.pr_k:
+            out["precision"], out["recall"] = precision_recall(real, fake, self.pr_k)
         logits = dim_zero_cat(self.logits) if len(self.logits) else None
         if logits is not None and logits.numel():
             ordered = self._ordered(self.logits)

@@ -96,12 +96,15 @@ class Evaluator:
         rank: int = 0,
         world_size: int = 1,
         kid_subset_size: int = 1000,
+        pr_k: int | None = 3,  # precision / recall neighbourhood; None: skip
         clip: Callable[[Tensor, list[str]], Tensor] | None = None,  # uint8 images, captions -> (B,)
     ):
         self.conditions, self.extractor, self.num_samples = conditions, extractor, num_samples
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.clip = clip
-        self.metrics = GenerativeMetrics(reference, kid_subset_size=kid_subset_size, seed=seed)
+        self.metrics = GenerativeMetrics(
+            reference, kid_subset_size=kid_subset_size, seed=seed, pr_k=pr_k
+        )
         if num_samples < SMALL_N:
             log.warning(
                 "FID from %d samples: its bias grows like 1/n (and below the feature width, "
@@ -168,7 +171,16 @@ class Evaluator:
 
 # --------------------------------------------------------------------------- results
 
-METRIC_KEYS = ("fid", "kid_mean", "kid_std", "is_mean", "is_std", "clip_score")
+METRIC_KEYS = (
+    "fid",
+    "kid_mean",
+    "kid_std",
+    "precision",
+    "recall",
+    "is_mean",
+    "is_std",
+    "clip_score",
+)
 
 
 def summarize(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -198,7 +210,15 @@ def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
     columns = ["sampler", "eta", "spacing", "guidance", "steps", "nfe", "n", "fid"]
     columns += [
         c
-        for c in ("fid_spread", "kid_mean", "is_mean", "clip_score", "seconds_per_image")
+        for c in (
+            "fid_spread",
+            "kid_mean",
+            "precision",
+            "recall",
+            "is_mean",
+            "clip_score",
+            "seconds_per_image",
+        )
         if any(c in r for r in rows)
     ]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]

@@ -64,6 +64,7 @@ def evaluate(cfg: DictConfig, out_dir: str | Path) -> list[dict[str, Any]]:
         rank=fabric.global_rank,
         world_size=fabric.world_size,
         kid_subset_size=cfg.kid_subset_size,
+        pr_k=cfg.get("precision_recall_k"),
         clip=clip,
     )
     rows: list[dict] = []

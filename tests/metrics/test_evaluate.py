@@ -97,7 +97,7 @@ def test_one_and_two_processes_give_the_same_fid_and_kid(checkpoint, tmp_path):
     one = _evaluate_cli(tmp_path, checkpoint, "one")
     two = _evaluate_cli(tmp_path, checkpoint, "two", "fabric.devices=2", "fabric.strategy=ddp")
     for sampler in ("ddpm", "ddim"):  # ddpm: per-sample step noise, whatever the rank
-        for key in ("fid", "kid_mean", "kid_std", "is_mean"):
+        for key in ("fid", "kid_mean", "kid_std", "precision", "recall", "is_mean"):
             assert two[sampler][key] == pytest.approx(one[sampler][key], rel=1e-6, abs=1e-9), (
                 sampler,
                 key,

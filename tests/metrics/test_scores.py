@@ -51,9 +51,38 @@ def test_kid_and_is_do_not_depend_on_order_or_batching():
     logits = torch.randn(200, 10, generator=g) * 3
     plain = scores(real, fake, logits=logits)
     shuffled = scores(real, fake, order=torch.randperm(200, generator=g), chunks=7, logits=logits)
-    for key in ("fid", "kid_mean", "kid_std", "is_mean", "is_std"):
+    for key in ("fid", "kid_mean", "kid_std", "precision", "recall", "is_mean", "is_std"):
         assert shuffled[key] == pytest.approx(plain[key], rel=1e-9), key
     assert plain["kid_mean"] > 10 * plain["kid_std"] / 20**0.5  # shifted sets: clearly positive
+
+
+def brute_precision_recall(real, fake, k):
+    """Kynkäänniemi et al. 2019 written out with numpy, one point at a time."""
+    real, fake = real.double().numpy(), fake.double().numpy()
+
+    def radii(x):
+        return np.array([np.sort(np.linalg.norm(x - p, axis=1))[k] for p in x])
+
+    def covered(queries, support, r):
+        return np.mean([np.any(np.linalg.norm(support - q, axis=1) <= r) for q in queries])
+
+    return covered(fake, real, radii(real)), covered(real, fake, radii(fake))
+
+
+def test_precision_and_recall():
+    g = torch.Generator().manual_seed(4)
+    real = torch.randn(150, 8, generator=g)
+    fake = torch.randn(120, 8, generator=g) + 1.0  # shifted: neither set covers the other
+    got = scores(real, fake, chunks=5)
+    want = brute_precision_recall(real, fake, 3)
+    assert (got["precision"], got["recall"]) == pytest.approx(want, abs=1e-12)
+    assert 0.1 < got["precision"] < 0.9 and 0.1 < got["recall"] < 0.9
+    same = scores(real, real)
+    assert same["precision"] == same["recall"] == 1.0
+    collapsed = scores(real, real[:10].repeat(5, 1))  # every sample a copy of 10 real ones
+    assert collapsed["precision"] == 1.0 and collapsed["recall"] < 0.3
+    far = scores(real, torch.randn(100, 8, generator=g) + 50)
+    assert far["precision"] == far["recall"] == 0.0
 
 
 def test_reset_keeps_the_reference():
