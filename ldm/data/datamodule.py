@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import warnings
 from collections.abc import Callable, Iterator
 
 import lightning as L
@@ -26,6 +27,10 @@ from ldm.data.builtin import check_split
 from ldm.data.samplers import BucketBatchSampler, ShardedSampler
 
 DatasetFactory = Callable[..., Dataset]
+
+# This DataModule restores the data position itself (state_dict: epoch and batches done;
+# the train loader then skips those), which Lightning's warning does not know.
+warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before")
 
 
 class DataModule(L.LightningDataModule):
