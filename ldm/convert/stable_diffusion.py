@@ -141,7 +141,11 @@ def load_original(
     """
     split = split_checkpoint(read_weights(path))
     for name, module in (("unet", unet), ("vae", vae), ("text", text_encoder)):
-        if module is not None:
+        if module is None:
+            continue
+        if name == "text" and hasattr(module, "load_text_state"):  # SD 1.x or 2.x layout
+            module.load_text_state(split.parts[name], what=f"text encoder of {path}")
+        else:
             load_into(module, split.parts[name], strict=strict, what=f"{name} of {path}")
     return split
 

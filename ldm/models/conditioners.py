@@ -216,9 +216,63 @@ class _OpenCLIPText(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
 
+# Where a Hugging Face CLIPTextModel's keys begin: SD 1.x single files, a diffusers folder's
+# text_encoder/model.safetensors, a CLIPModel's text half.
+_HF_CLIP_PREFIXES = ("cond_stage_model.transformer.", "transformer.", "text_encoder.", "")
+
+
+def hf_clip_text_to_openclip(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """A transformers ``CLIPTextModel`` state dict (``[text_model.]embeddings.*``,
+    ``encoder.layers.*``; SD 1.x keeps its tower so) in open_clip's text layout: q / k / v
+    projections fused into ``in_proj``, ``text_projection`` transposed when there is one.
+    Empty when it is not that layout."""
+    prefix, outer = next(
+        (
+            (p + inner, p)  # files say text_model.*; transformers >= 5 in memory does not
+            for p in _HF_CLIP_PREFIXES
+            for inner in ("text_model.", "")
+            if p + inner + "embeddings.token_embedding.weight" in state
+        ),
+        (None, None),
+    )
+    if prefix is None:
+        return {}
+    hf = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    out = {
+        "token_embedding.weight": hf["embeddings.token_embedding.weight"],
+        "positional_embedding": hf["embeddings.position_embedding.weight"],
+        "ln_final.weight": hf["final_layer_norm.weight"],
+        "ln_final.bias": hf["final_layer_norm.bias"],
+    }
+    names = {
+        "self_attn.out_proj": "attn.out_proj",
+        "layer_norm1": "ln_1",
+        "layer_norm2": "ln_2",
+        "mlp.fc1": "mlp.c_fc",
+        "mlp.fc2": "mlp.c_proj",
+    }
+    layers = sorted({int(k.split(".")[2]) for k in hf if k.startswith("encoder.layers.")})
+    for i in layers:
+        src, dst = f"encoder.layers.{i}.", f"transformer.resblocks.{i}."
+        for kind in ("weight", "bias"):
+            out[f"{dst}attn.in_proj_{kind}"] = torch.cat(
+                [hf[f"{src}self_attn.{q}_proj.{kind}"] for q in ("q", "k", "v")]
+            )
+            for theirs, ours in names.items():
+                out[f"{dst}{ours}.{kind}"] = hf[f"{src}{theirs}.{kind}"]
+    projection = state.get(outer + "text_projection.weight")
+    if projection is not None:  # CLIPTextModelWithProjection / CLIPModel: a bias-free Linear
+        out["text_projection"] = projection.T.contiguous()
+    return out
+
+
 def _text_state(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """The text-tower tensors of an open_clip, SD 2.x or ``OpenCLIPTextEncoder`` state dict,
-    keyed as ``_OpenCLIPText`` keys them (vision-tower keys are left out)."""
+    """The text-tower tensors of an open_clip, SD 1.x / 2.x, transformers CLIP or
+    ``OpenCLIPTextEncoder`` state dict, keyed as ``_OpenCLIPText`` keys them (vision-tower
+    keys are left out)."""
+    converted = hf_clip_text_to_openclip(state)
+    if converted:
+        return converted
     for prefix in ("cond_stage_model.model.", "model.", "module.", ""):
         text = {
             key[len(prefix) :]: value
@@ -301,16 +355,30 @@ class OpenCLIPTextEncoder(_TextConditioner):
             self.train(False)
 
     def load_weights(self, path: str | Path) -> None:
-        """Load the text tower from an open_clip checkpoint, an SD 2.x checkpoint or this
-        module's own state dict (safetensors, or a weights-only pickle)."""
-        text = _text_state(read_weights(path))
+        """Load the text tower from a file: an open_clip or SD checkpoint, a transformers
+        CLIP text model, or this module's own state dict (safetensors or weights-only
+        pickle)."""
+        self.load_text_state(read_weights(path), what=str(path))
+
+    def load_text_state(self, state: Mapping[str, Tensor], what: str = "state dict") -> None:
+        """Load the text tower from a state dict in open_clip's layout (open_clip, SD 2.x,
+        ours) or transformers' (SD 1.x, a diffusers folder's text_encoder)."""
+        text = _text_state(state)
         if not text:
             raise ValueError(
-                f"{path} holds no OpenCLIP text tower: no key ends in 'token_embedding.weight' "
-                "under '', 'model.', 'module.' or 'cond_stage_model.model.'"
+                f"{what} holds no CLIP text tower: no key ends in 'token_embedding.weight' "
+                "under '', 'model.', 'module.' or 'cond_stage_model.model.', nor in "
+                "'text_model.embeddings.token_embedding.weight' (transformers' layout)"
             )
         text.setdefault("logit_scale", self.model.logit_scale.detach())
-        load_into(self.model, text, what=f"OpenCLIP {self.arch} text tower from {path}")
+        if "text_projection" not in text:  # a CLIPTextModel without one (SD 1.x)
+            if self.output_pooled:
+                raise ValueError(
+                    f"{what} has no text projection (a transformers CLIPTextModel, as SD 1.x "
+                    "keeps): pooled=True cannot be computed from it; set pooled=false"
+                )
+            text["text_projection"] = self.model.text_projection.detach()  # unused
+        load_into(self.model, text, what=f"OpenCLIP {self.arch} text tower from {what}")
 
     def tokenize(self, texts: Sequence[str]) -> Tensor:
         """As ``_TextConditioner.tokenize``; with ``pad_with_eot`` every position after the

@@ -83,7 +83,7 @@ def _load_base(module: nn.Module, path: Path, diffusion: Mapping[str, Any] | Non
     loaded.append("unet")
     conditioner = module.conditioner
     if conditioner is not None and split.parts["text"] and hasattr(conditioner, "model"):
-        load_into(conditioner, split.parts["text"], what=f"text encoder of {path}")
+        conditioner.load_text_state(split.parts["text"], what=f"text encoder of {path}")
         loaded.append("conditioner")
     return loaded
 

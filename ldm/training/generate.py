@@ -76,7 +76,7 @@ def _stable_diffusion(path: Path, cfg: DictConfig) -> LatentDiffusion:
             )
             load_into(vae, split.parts["vae"], what=f"VAE of {path}")
         if conditioner is not None and split.parts["text"] and hasattr(conditioner, "model"):
-            load_into(conditioner, split.parts["text"], what=f"text encoder of {path}")
+            conditioner.load_text_state(split.parts["text"], what=f"text encoder of {path}")
     if vae is None:
         raise ValueError(f"{path} holds no VAE; sampling needs one")
     return LatentDiffusion(

@@ -220,7 +220,7 @@ def test_local_weights_files(tmp_path, encoder):
     assert_same_outputs(small_clip(weights_path=tmp_path / "open_clip.bin", pooled=True), encoder)
     # Something else.
     save_file({"foo.weight": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
-    with pytest.raises(ValueError, match="no OpenCLIP text tower"):
+    with pytest.raises(ValueError, match="holds no CLIP text tower"):
         small_clip(weights_path=tmp_path / "other.safetensors")
 
 
@@ -233,6 +233,55 @@ def test_sd2_checkpoint_layout(tmp_path, encoder):
     load_original(path, text_encoder=fresh)  # ldm.convert's loader, strict
     assert_same_outputs(fresh, encoder)
     assert_same_outputs(small_clip(weights_path=path, pooled=True), encoder)
+
+
+def test_sd1_transformers_layout_matches_transformers(tmp_path):
+    """SD 1.x keeps its tower as a transformers CLIPTextModel: converted, our encoder gives
+    transformers' last hidden state; from an SD 1.x-style file and from a lone text model."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        hidden_act="quick_gelu",
+        projection_dim=32,
+    )
+    torch.manual_seed(0)
+    reference = transformers.CLIPTextModel(config).eval()
+    for p in reference.parameters():  # move layer norms and biases off their init too
+        p.data.add_(0.05 * torch.randn_like(p))
+    small = {**SMALL, "text_cfg": {**SMALL["text_cfg"], "layers": 3}, "quick_gelu": True}
+    ours = OpenCLIPTextEncoder(
+        "ViT-L-14-quickgelu", model_config=small, layer="last", pad_with_eot=True
+    )
+    state = reference.state_dict()  # transformers >= 5 drops "text_model." in memory
+    files = {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in state.items()}
+    sd1 = {f"cond_stage_model.transformer.{k}": v for k, v in files.items()}  # as SD 1.x
+    sd1["model.diffusion_model.out.2.weight"] = torch.zeros(4, 320, 3, 3)
+    load_original(save_safetensors(tmp_path / "sd1.safetensors", sd1), text_encoder=ours)
+    tokens = ours.tokenize(CAPTIONS)
+    with torch.no_grad():
+        want = reference(input_ids=tokens).last_hidden_state
+        got = ours(CAPTIONS)["context"]
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+    lone = save_safetensors(tmp_path / "text_encoder.safetensors", reference.state_dict())
+    again = OpenCLIPTextEncoder(
+        "ViT-L-14-quickgelu",
+        model_config=small,
+        layer="last",
+        pad_with_eot=True,
+        weights_path=lone,
+    )
+    with torch.no_grad():
+        assert torch.equal(again(CAPTIONS)["context"], got)
+    with pytest.raises(ValueError, match="no text projection"):  # CLIPTextModel has none
+        OpenCLIPTextEncoder(
+            "ViT-L-14-quickgelu", model_config=small, pooled=True, weights_path=lone
+        )
 
 
 # --------------------------------------------------------------------------- from scratch
