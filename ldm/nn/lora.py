@@ -102,6 +102,17 @@ class _LoRALayer:
             out = delta if out is None else out + delta
         return out
 
+    def active_delta_weight(self) -> Tensor | None:
+        """The weight update of the active, unmerged adapters (float32), or None."""
+        out = None
+        for name, adapter in self.lora.items():
+            weight = self.lora_weights.get(name, 0.0)
+            if weight == 0.0 or name in self.lora_merged:
+                continue
+            delta = adapter.delta_weight() * weight
+            out = delta if out is None else out + delta
+        return out
+
     @torch.no_grad()
     def merge(self, names: Iterable[str] | None = None) -> None:
         for name in list(self.lora) if names is None else names:
@@ -159,6 +170,34 @@ class LoRAConv2d(nn.Conv2d, _LoRALayer):
         )
         up = nn.Conv2d(rank, self.out_channels, 1, bias=False, device=self.weight.device)
         self.lora[name] = _Adapter(down, up, rank, alpha, dropout)
+
+
+class LoRAMultiheadAttention(nn.MultiheadAttention):
+    """``nn.MultiheadAttention`` whose ``out_proj`` carries adapters. Its forward reads
+    ``out_proj.weight`` directly and never calls ``out_proj``, so the adapters' update is
+    added to that weight for the call (gradients reach the adapters; their dropout, which
+    acts on a layer input this path never sees, does not apply)."""
+
+    _lora_inside = False
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        out_proj = self.out_proj
+        delta = out_proj.active_delta_weight() if isinstance(out_proj, _LoRALayer) else None
+        if delta is None or self._lora_inside:
+            return super().forward(*args, **kwargs)
+        weight = out_proj.weight + delta.to(out_proj.weight.dtype)
+        self._lora_inside = True
+        try:
+            return torch.func.functional_call(self, {"out_proj.weight": weight}, args, kwargs)
+        finally:
+            self._lora_inside = False
+
+
+def _adapt_attention(model: nn.Module) -> None:
+    """Make every ``nn.MultiheadAttention`` whose ``out_proj`` has adapters use them."""
+    for module in model.modules():
+        if isinstance(module, nn.MultiheadAttention) and isinstance(module.out_proj, _LoRALayer):
+            module.__class__ = LoRAMultiheadAttention  # same object, same parameters
 
 
 def _as_lora(module: nn.Module) -> nn.Module:
@@ -227,6 +266,7 @@ def inject_lora(
         chosen.append(path)
     if not chosen:
         raise ValueError(f"no layer of {type(model).__name__} matches the LoRA targets {patterns}")
+    _adapt_attention(model)
     _settings(model)[name] = settings
     return chosen
 
@@ -362,6 +402,7 @@ def load_adapter(
         layer.lora[name].down.weight.data.copy_(down)
         layer.lora[name].up.weight.data.copy_(up)
         layer.lora_weights[name] = float(weight)
+    _adapt_attention(model)
     if stored:
         fields = {k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()}
         _settings(model)[name] = LoRASettings(**fields)

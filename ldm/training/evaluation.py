@@ -52,6 +52,9 @@ def evaluate(cfg: DictConfig, out_dir: str | Path) -> list[dict[str, Any]]:
         if fabric.global_rank == 0:
             how = "extracted" if extracted else "reused from the cache"
             print(f"reference statistics: {how} ({count} samples)", flush=True)
+    if fabric.global_rank == 0:  # what the scores are against, before any is made
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / "provenance.json").write_text(json.dumps(common, indent=2, default=str))
     module = load_model(cfg).to(fabric.device)
     clip = instantiate(cfg.clip).to(fabric.device) if cfg.clip else None
     evaluator = Evaluator(
@@ -80,5 +83,4 @@ def evaluate(cfg: DictConfig, out_dir: str | Path) -> list[dict[str, Any]]:
     if fabric.global_rank == 0:
         print(markdown_table(summarize(rows)))
         print(f"wrote {', '.join(str(p) for p in paths.values())}")
-        (Path(out_dir) / "provenance.json").write_text(json.dumps(common, indent=2, default=str))
     return rows

@@ -155,9 +155,10 @@ def ensure_class_images(
     batch_size: int = 8,
     seed: int = 0,
 ) -> int:
-    """Generate class images with the (base) model until ``folder`` holds ``count``;
-    returns how many were made. Image i is seeded by ``seed + i`` and written atomically,
-    so an interrupted run resumes where it stopped and a re-run adds nothing."""
+    """Generate class images with the (base) model until ``folder`` holds ``count`` images
+    (the user's own count too); returns how many were made. Image i is
+    ``class_{i:05d}.png``, seeded by ``seed + i`` and written atomically, so an
+    interrupted run resumes where it stopped and a re-run adds nothing."""
     from torchvision.utils import save_image
 
     from ldm.data.folder import list_images
@@ -166,8 +167,9 @@ def ensure_class_images(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     have = {p.name for p in list_images(folder)}
-    missing = [i for i in range(count) if f"class_{i:05d}.png" not in have]
-    if len(have) >= count or not missing:
+    needed = count - len(have)
+    missing = [i for i in range(count) if f"class_{i:05d}.png" not in have][: max(needed, 0)]
+    if not missing:
         return 0
     log.info("generating %d class images for %r into %s", len(missing), prompt, folder)
     was_training = module.training

@@ -150,3 +150,34 @@ def test_presets_counts_and_errors():
     with pytest.raises(ValueError, match="no layer"):
         inject_lora(model, "b", targets=("*.nothing",))
     assert LoRASettings(rank=8, alpha=16).scale == 2.0
+
+
+def test_openclip_attention_adapters_take_effect(tmp_path):
+    """open_clip's nn.MultiheadAttention reads out_proj.weight without calling out_proj:
+    its adapters still change the output, merge to the same result, disable exactly, train
+    and reload."""
+    from test_conditioners import CAPTIONS, small_clip
+
+    encoder = small_clip(layer="last")  # every block runs
+    with torch.no_grad():
+        base = encoder(CAPTIONS)["context"]
+    layers = inject_lora(encoder, "style", targets="attn", rank=4)
+    assert layers and all(p.endswith("attn.out_proj") for p in layers)
+    _train_adapter(encoder, "style")
+    with torch.no_grad():
+        adapted = encoder(CAPTIONS)["context"]
+        assert (adapted - base).abs().max() > 1e-3  # the adapter acts
+        saved = disable_adapters(encoder)
+        assert torch.equal(encoder(CAPTIONS)["context"], base)
+        set_adapter_weights(encoder, saved)
+        merge_adapters(encoder)
+        torch.testing.assert_close(encoder(CAPTIONS)["context"], adapted, rtol=0, atol=1e-5)
+        unmerge_adapters(encoder)
+    loss = encoder(CAPTIONS)["context"].square().mean()
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in adapter_parameters(encoder))
+    save_adapter(encoder, tmp_path / "text.safetensors", "style")
+    fresh = small_clip(layer="last")
+    load_adapter(fresh, tmp_path / "text.safetensors", "style")
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(CAPTIONS)["context"], adapted, rtol=0, atol=1e-6)

@@ -15,6 +15,7 @@ from ldm.diffusion.samplers import make_sampler
 from ldm.nn.lora import adapter_parameters, inject_lora, save_adapter, set_adapter_weights
 from ldm.tools.merge import main as merge_main
 from ldm.tools.merge import merge, read_checkpoint
+from ldm.training.finetune import ensure_class_images
 from ldm.training.generate import load_model, sample
 from ldm.training.run import build, train
 
@@ -268,3 +269,19 @@ def test_dreambooth_lora_trains_only_the_adapter(tmp_path, base):
     trainable = {n for n, p in module.networks.named_parameters() if p.requires_grad}
     assert trainable and all(".lora." in n for n in trainable)
     assert module.hparams.cond_drop_prob == 0.0  # the recipe's setting survives lora=
+
+
+def test_class_images_top_up_the_users_own(tmp_path):
+    class Fake(torch.nn.Module):  # generate() as LatentDiffusion's, seeded images
+        def generate(self, prompts, sampler, guidance_scale, seeds):
+            return torch.stack([torch.full((3, 8, 8), s / 10 - 0.5) for s in seeds])
+
+    folder = tmp_path / "class"
+    folder.mkdir()
+    for i in range(3):  # the user's own photos, named as they like
+        Image.new("RGB", (8, 8)).save(folder / f"my_dog_{i}.jpg")
+    assert ensure_class_images(Fake(), folder, "a dog", 5, steps=1) == 2
+    assert sorted(p.name for p in folder.glob("class_*")) == ["class_00000.png", "class_00001.png"]
+    assert ensure_class_images(Fake(), folder, "a dog", 5, steps=1) == 0  # a re-run adds none
+    assert ensure_class_images(Fake(), folder, "a dog", 6, steps=1) == 1
+    assert (folder / "class_00002.png").exists() and len(list(folder.iterdir())) == 6
