@@ -32,6 +32,7 @@ from ldm.models.textual_inversion import load_embeddings
 from ldm.models.unet import UNet
 from ldm.models.vae import AutoencoderKL
 from ldm.nn.lora import load_adapter, merge_adapters
+from ldm.seeding import stable_seed
 from ldm.tools.merge import split_spec
 from ldm.training.checkpoints import CONFIG_KEY, SD_VAE_SCALE, read_ours
 from ldm.training.diffusion import LatentDiffusion
@@ -164,7 +165,10 @@ def sample(cfg: DictConfig, out_dir: str | Path) -> list[Path]:
                 guidance_scale=cfg.guidance_scale,
                 guidance_rescale=cfg.guidance_rescale,
                 seeds=[s for _, s in chunk],
-                generator=torch.Generator(module.device).manual_seed(cfg.seed + first),
+                generator=[  # step noise per image too: no image depends on its batch
+                    torch.Generator(module.device).manual_seed(stable_seed(s, "sampler noise"))
+                    for _, s in chunk
+                ],
             ).cpu()
         )
     seconds = time.perf_counter() - start

@@ -8,11 +8,13 @@ import subprocess
 import sys
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf.errors import OmegaConfBaseException
+from PIL import Image
 from trainutils import CONF, ROOT, TINY, TINY_ANY_DATA, compose_train
 
 from ldm.training.checkpoints import CONFIG_KEY, load_checkpoint, load_vae
@@ -116,6 +118,16 @@ def test_ldm_stage_and_sample(vae_checkpoint, tmp_path):
     again = sample(scfg, tmp_path / "again")
     for a, b in zip(paths, again, strict=True):
         assert a.read_bytes() == b.read_bytes()
+    # Also with a stochastic sampler: each image's step noise is its own.
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        scfg.sampler = compose("sample", overrides=["checkpoint=x", "sampler=ddpm"]).sampler
+    scfg.sampler.steps, scfg.batch_size = 3, 3
+    noisy = sample(scfg, tmp_path / "noisy")
+    scfg.batch_size = 1
+    noisy_again = sample(scfg, tmp_path / "noisy_again")
+    for a, b in zip(noisy, noisy_again, strict=True):  # up to float rounding: 1 / 255
+        pixels = [np.asarray(Image.open(p), dtype=np.int16) for p in (a, b)]
+        assert np.abs(pixels[0] - pixels[1]).max() <= 1
 
 
 def _prompts(tmp_path):
