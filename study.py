@@ -1,4 +1,4 @@
-"""Sampler study on analytic data (the quickstart job until training lands).
+"""Sampler study on analytic data: every sampler against an exact denoiser (`make study`).
 
 python study.py                          # every sampler x step count, DDPM schedule
 python study.py -m diffusion=ddpm,sd,zsnr_v   # one study per schedule
