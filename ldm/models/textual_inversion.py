@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -48,16 +49,27 @@ def added_tokens(conditioner: nn.Module) -> list[str]:
     return list(getattr(conditioner, "added_tokens", []))
 
 
-def _retokenize(conditioner: nn.Module, tokens: list[str]) -> None:
-    """Rebuild the conditioner's CLIP tokenizer with ``tokens`` as unsplittable words."""
+def _tokenizer(conditioner: nn.Module, tokens: list[str]) -> Any:
+    """The conditioner's CLIP tokenizer with ``tokens`` as unsplittable words; each token
+    must come out of it as its own single id."""
+    import regex  # what open_clip compiles its token pattern with
     from open_clip.tokenizer import SimpleTokenizer
 
-    conditioner.tokenizer = SimpleTokenizer(
-        additional_special_tokens=tokens or None,
-        context_length=conditioner.max_length,
-        **getattr(conditioner, "tokenizer_kwargs", {}),
-    )
-    conditioner.added_tokens = tokens
+    fix = "use lowercase letters, digits and <, >, -, _ (e.g. <my-cat>)"
+    try:
+        tokenizer = SimpleTokenizer(
+            additional_special_tokens=tokens or None,
+            context_length=conditioner.max_length,
+            **getattr(conditioner, "tokenizer_kwargs", {}),
+        )
+    except regex.error as err:
+        raise ValueError(f"placeholder tokens {tokens} break the tokenizer ({err}): {fix}") from err
+    # The tokenizer lowercases and cleans captions before matching: a token it would never
+    # see again could not be learnt.
+    unseen = [t for t in tokens if tokenizer.encode(f"a {t} b")[1:-1] != [tokenizer.encoder[t]]]
+    if unseen:
+        raise ValueError(f"placeholder tokens {unseen} never come out of captions whole: {fix}")
+    return tokenizer
 
 
 def add_tokens(
@@ -84,12 +96,13 @@ def add_tokens(
         raise ValueError(
             f"vectors {tuple(vectors.shape)} do not fit {len(tokens)} tokens of {width}"
         )
+    tokenizer = _tokenizer(conditioner, existing + tokens)  # checked before any change
     if not isinstance(embedding, ExtendedEmbedding):
         embedding.__class__ = ExtendedEmbedding  # same object, same `weight`
         embedding.extra = nn.Parameter(embedding.weight.new_zeros(0, embedding.embedding_dim))
     rows = vectors.to(embedding.weight.device, embedding.weight.dtype)
     embedding.extra = nn.Parameter(torch.cat([embedding.extra.detach(), rows]))
-    _retokenize(conditioner, existing + tokens)
+    conditioner.tokenizer, conditioner.added_tokens = tokenizer, existing + tokens
     first = embedding.num_embeddings + len(existing)
     ids = [conditioner.tokenizer.encoder[t] for t in tokens]
     if ids != list(range(first, first + len(tokens))):

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from torch import Tensor, nn
+from torch.nn.utils.stateless import _reparametrize_module
 
 # Name patterns (fnmatch, on a module's dotted path) of the layer presets, for our UNet and
 # text encoders: attention projections, plus the feed-forward, or every Linear.
@@ -178,19 +179,16 @@ class LoRAMultiheadAttention(nn.MultiheadAttention):
     added to that weight for the call (gradients reach the adapters; their dropout, which
     acts on a layer input this path never sees, does not apply)."""
 
-    _lora_inside = False
-
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         out_proj = self.out_proj
         delta = out_proj.active_delta_weight() if isinstance(out_proj, _LoRALayer) else None
-        if delta is None or self._lora_inside:
+        if delta is None:
             return super().forward(*args, **kwargs)
         weight = out_proj.weight + delta.to(out_proj.weight.dtype)
-        self._lora_inside = True
-        try:
-            return torch.func.functional_call(self, {"out_proj.weight": weight}, args, kwargs)
-        finally:
-            self._lora_inside = False
+        # The weight swapped in for this call only (what torch.func.functional_call does,
+        # without calling the module, and its hooks, a second time).
+        with _reparametrize_module(self, {"out_proj.weight": weight}):
+            return super().forward(*args, **kwargs)
 
 
 def _adapt_attention(model: nn.Module) -> None:

@@ -53,6 +53,13 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]
 
 
 def _check_compatible(states: Sequence[Mapping[str, Tensor]], names: Sequence[str]) -> None:
+    for state, name in zip(states, names, strict=True):
+        if any(".lora." in k for k in state):
+            raise ValueError(
+                f"{name} holds LoRA adapters: averaging their down and up matrices apart is "
+                "not averaging the adapters. Bake them in first (method=bake), or merge the "
+                "base checkpoints and load the adapters with sample.py adapters=[...]"
+            )
     first = states[0]
     for state, name in zip(states[1:], names[1:], strict=True):
         missing, extra = sorted(set(first) - set(state)), sorted(set(state) - set(first))

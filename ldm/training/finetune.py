@@ -99,6 +99,11 @@ def _check_diffusion(base: Any, run: Any, path: Path) -> None:
             )
 
 
+def _targets(targets: Any) -> str | tuple[str, ...]:
+    """A preset name, or patterns as a tuple (a Hydra list would be saved as its repr)."""
+    return targets if isinstance(targets, str) else tuple(str(t) for t in targets)
+
+
 def apply_lora(module: nn.Module, cfg: Mapping[str, Any]) -> dict[str, Any]:
     """Freeze ``module.networks`` and inject adapter ``cfg["name"]`` (rank, alpha, dropout,
     targets, conv_rank; ``text_encoder`` adds one to the conditioner with
@@ -110,7 +115,7 @@ def apply_lora(module: nn.Module, cfg: Mapping[str, Any]) -> dict[str, Any]:
         rank=cfg["rank"],
         alpha=cfg.get("alpha") or cfg["rank"],
         dropout=cfg.get("dropout", 0.0),
-        targets=cfg.get("targets", "attn"),
+        targets=_targets(cfg.get("targets", "attn")),
         conv_rank=cfg.get("conv_rank"),
         conv_alpha=cfg.get("conv_alpha"),
     )
@@ -172,7 +177,10 @@ def ensure_class_images(
     if not missing:
         return 0
     log.info("generating %d class images for %r into %s", len(missing), prompt, folder)
-    was_training = module.training
+    first = next(module.parameters(), None)
+    was_training, device = module.training, None if first is None else first.device
+    if torch.cuda.is_available():  # before the Trainer places the model: use the GPU now
+        module.cuda()
     module.eval()
     sampler = make_sampler("ddim", steps=steps)
     for start in range(0, len(missing), batch_size):
@@ -188,18 +196,23 @@ def ensure_class_images(
             save_image(image * 0.5 + 0.5, tmp)
             os.replace(tmp, folder / f"class_{index:05d}.png")
     module.train(was_training)
+    if device is not None:
+        module.to(device)
     return len(missing)
 
 
 def apply_textual_inversion(module: nn.Module, cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """Freeze every network weight and add ``cfg["tokens"]`` (initialised from
-    ``cfg["init_words"]``) to the conditioner: only the new embedding rows train."""
+    """Freeze every network weight (LoRA adapters, when a ``lora`` is on too, stay
+    trainable) and add ``cfg["tokens"]`` (initialised from ``cfg["init_words"]``) to the
+    conditioner: the new embedding rows train."""
     from ldm.models.textual_inversion import add_tokens
 
     conditioner = module.conditioner
     if conditioner is None or not hasattr(conditioner, "tokenize"):
         raise ValueError("textual inversion needs a text conditioner")
-    module.networks.requires_grad_(False)
+    for name, parameter in module.networks.named_parameters():
+        if ".lora." not in name:
+            parameter.requires_grad_(False)
     tokens, words = list(cfg["tokens"]), list(cfg["init_words"])
     ids = add_tokens(conditioner, tokens, init_words=words)
     restart_ema(module)

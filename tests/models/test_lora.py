@@ -164,9 +164,12 @@ def test_openclip_attention_adapters_take_effect(tmp_path):
     layers = inject_lora(encoder, "style", targets="attn", rank=4)
     assert layers and all(p.endswith("attn.out_proj") for p in layers)
     _train_adapter(encoder, "style")
+    calls = []
+    encoder.model.transformer.resblocks[0].attn.register_forward_hook(lambda *_: calls.append(1))
     with torch.no_grad():
         adapted = encoder(CAPTIONS)["context"]
         assert (adapted - base).abs().max() > 1e-3  # the adapter acts
+        assert len(calls) == 1  # the attention (and its hooks) ran once
         saved = disable_adapters(encoder)
         assert torch.equal(encoder(CAPTIONS)["context"], base)
         set_adapter_weights(encoder, saved)

@@ -88,6 +88,10 @@ def test_bad_tokens_refused(tmp_path):
         add_tokens(encoder, ["<y z>"], init_words=["cat"])
     with pytest.raises(ValueError, match="one init word per token"):
         add_tokens(encoder, ["<y>", "<z>"], init_words=["cat"])
+    for bad, why in (("<My-Cat>", "never come out"), ("c++", "never come out"), ("*", "break")):
+        with pytest.raises(ValueError, match=why):  # lowercased, or a regex character
+            add_tokens(encoder, [bad], init_words=["cat"])
+    assert encoder.added_tokens == ["<x>"]  # a refused token changes nothing
     save_file({"w": torch.zeros(1)}, tmp_path / "other.safetensors")
     with pytest.raises(ValueError, match="not an embeddings file"):
         load_embeddings(encoder, tmp_path / "other.safetensors")

@@ -11,6 +11,7 @@ from PIL import Image
 from safetensors import safe_open
 from trainutils import CONF, TINY_ANY_DATA, compose_train
 
+from ldm.convert.checkpoint import save_safetensors
 from ldm.diffusion.samplers import make_sampler
 from ldm.nn.lora import adapter_parameters, inject_lora, save_adapter, set_adapter_weights
 from ldm.tools.merge import main as merge_main
@@ -285,3 +286,31 @@ def test_class_images_top_up_the_users_own(tmp_path):
     assert ensure_class_images(Fake(), folder, "a dog", 5, steps=1) == 0  # a re-run adds none
     assert ensure_class_images(Fake(), folder, "a dog", 6, steps=1) == 1
     assert (folder / "class_00002.png").exists() and len(list(folder.iterdir())) == 6
+
+
+def test_lora_with_textual_inversion_trains_both(tmp_path, base):
+    _instance_dir(tmp_path)
+    run = tmp_path / "both"
+    overrides = [
+        *_recipe(tmp_path, base, "textual_inversion", "a photo of <ring>"),
+        "textual_inversion.tokens=['<ring>']",
+        "textual_inversion.init_words=[circle]",
+        "lora=attn",
+        "lora.targets=['*.to_q','*.to_v']",  # patterns from a Hydra list
+        DIFFUSION,
+    ]
+    module, _, _ = build(compose_train(run, *overrides, tiny=False), run)
+    trainable = {n for n, p in module.networks.named_parameters() if p.requires_grad}
+    assert "conditioner.token_embedding.extra" in trainable
+    assert {n for n in trainable if ".lora." in n} and all(
+        ".lora." in n or n.endswith("token_embedding.extra") for n in trainable
+    )
+    assert module.networks.lora_settings["default"].targets == ("*.to_q", "*.to_v")
+
+
+def test_merging_refuses_lora_checkpoints(tmp_path, base):
+    state, carried = read_checkpoint(base)
+    lora = {**state, "networks.unet.out.2.lora.default.down.weight": torch.zeros(4, 16)}
+    save_safetensors(tmp_path / "lora.safetensors", lora, carried)
+    with pytest.raises(ValueError, match=r"holds LoRA adapters.*method=bake"):
+        merge("weighted", [base, tmp_path / "lora.safetensors"], tmp_path / "out.safetensors")
