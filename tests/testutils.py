@@ -13,3 +13,15 @@ def randomize(module: nn.Module, seed: int = 0) -> nn.Module:
             base = 1.0 if name.endswith("weight") and p.ndim == 1 else 0.0
             p.copy_(base + scale * torch.randn(p.shape, generator=g))
     return module
+
+
+# A tiny SD-layout UNet: conv projections, attention at both levels, context width 16.
+TINY_SD_UNET = dict(
+    model_channels=32,
+    channel_multipliers=(1, 2),
+    blocks_per_level=1,
+    attention_levels=(0, 1),
+    num_heads=4,
+    context_dim=16,
+    norm_groups=8,
+)

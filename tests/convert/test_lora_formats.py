@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import save_file
-from testutils import randomize
+from testutils import TINY_SD_UNET, randomize
 
 from ldm.convert.diffusers_unet import unet_config_to_diffusers, unet_to_diffusers
 from ldm.convert.lora import from_diffusers, from_kohya, read_any, to_diffusers, to_kohya
@@ -23,16 +23,6 @@ from ldm.nn.lora import (
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
-SD_LIKE = dict(
-    model_channels=32,
-    channel_multipliers=(1, 2),
-    blocks_per_level=1,
-    attention_levels=(0, 1),
-    num_heads=4,
-    context_dim=16,
-    norm_groups=8,
-)
-
 
 # Attention projections, the transformers' 1x1 conv projections and resnet convolutions.
 WITH_CONV = ("*.to_q", "*.to_k", "*.to_v", "*.to_out.0", "*.proj_in", "*.proj_out", "*.in_layers.2")
@@ -40,7 +30,7 @@ WITH_CONV = ("*.to_q", "*.to_k", "*.to_v", "*.to_out.0", "*.proj_in", "*.proj_ou
 
 def _adapted(seed=0, **lora):
     torch.manual_seed(seed)
-    ours = randomize(UNet(**SD_LIKE)).eval()
+    ours = randomize(UNet(**TINY_SD_UNET)).eval()
     base = {k: v.clone() for k, v in ours.state_dict().items()}
     inject_lora(ours, "style", **({"targets": "attn", "rank": 4, "alpha": 8} | lora))
     g = torch.Generator().manual_seed(seed + 1)

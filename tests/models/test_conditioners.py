@@ -3,8 +3,6 @@ refused with one message, the from-scratch encoder's padding invariance and trai
 class embedder's null class, caption / label dropout rates, and the dict interface the UNet
 and classifier-free guidance take."""
 
-import socket
-
 import open_clip
 import pytest
 import torch
@@ -31,17 +29,6 @@ SMALL = {
 TINY_VISION = {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16, "head_width": 32}
 CAPTIONS = ["a photo of a cat", "an oil painting of a lighthouse at dusk", ""]
 VIT_H_REPO = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # open_clip's ViT-H-14 laion2b_s32b_b79k
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    """Any attempt to open a socket fails the test."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("network access attempted")
-
-    monkeypatch.setattr(socket, "socket", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
 
 
 def small_clip(**kwargs) -> OpenCLIPTextEncoder:

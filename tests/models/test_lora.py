@@ -3,7 +3,7 @@ exact, adapters compose linearly, save / load, presets and errors."""
 
 import pytest
 import torch
-from testutils import randomize
+from testutils import TINY_SD_UNET, randomize
 from torch import nn
 
 from ldm.models.unet import UNet
@@ -23,20 +23,10 @@ from ldm.nn.lora import (
     unmerge_adapters,
 )
 
-TINY = dict(
-    model_channels=32,
-    channel_multipliers=(1, 2),
-    blocks_per_level=1,
-    attention_levels=(0, 1),
-    num_heads=4,
-    context_dim=16,
-    norm_groups=8,
-)
-
 
 def _unet():
     torch.manual_seed(0)
-    return randomize(UNet(**TINY)).eval()
+    return randomize(UNet(**TINY_SD_UNET)).eval()
 
 
 def _inputs():
