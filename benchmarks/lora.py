@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -94,17 +92,13 @@ def step_time(mode: str, steps: int) -> dict:
         loss.backward()
         optimizer.step()
 
-    for _ in range(2):
-        step()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
+    from train_throughput import median_step  # benchmarks/ is this script's folder
+
+    median = median_step(step, steps, warmup=2)
     return {
         "mode": mode,
         "trainable": sum(p.numel() for p in params),
-        "median_s": statistics.median(times),
+        "median_s": median,
         "peak_extra_mib": _rss_peak_mib() - before,
     }
 

@@ -58,8 +58,9 @@ def _batch(cfg, size: str, latents: bool, vae) -> dict:
     return batch
 
 
-def _median_step(step, steps: int) -> float:
-    for _ in range(3):
+def median_step(step, steps: int, warmup: int = 3) -> float:
+    """Median seconds of ``steps`` calls of ``step`` after ``warmup`` untimed ones."""
+    for _ in range(warmup):
         step()
     times = []
     for _ in range(steps):
@@ -85,7 +86,7 @@ def ldm(size: str, latents: bool, steps: int) -> float:
         optimizer.step()
         module.ema.update(module._trainable())
 
-    return SIZES[size]["batch"] / _median_step(step, steps)
+    return SIZES[size]["batch"] / median_step(step, steps)
 
 
 def autoencoder(size: str, steps: int) -> float:
@@ -103,7 +104,7 @@ def autoencoder(size: str, steps: int) -> float:
         terms["loss"].backward()
         optimizer.step()
 
-    return SIZES[size]["batch"] / _median_step(step, steps)
+    return SIZES[size]["batch"] / median_step(step, steps)
 
 
 def main() -> None:

@@ -391,6 +391,7 @@ class FIDCallback(L.Callback):
             rank=trainer.global_rank,
             world_size=trainer.world_size,
             kid_subset_size=min(1000, self.num_samples),
+            pr_k=None,  # only FID and KID are logged
         )
 
     def on_train_batch_end(
