@@ -16,6 +16,7 @@ those formats (they name the transformers CLIP layout).
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -173,3 +174,9 @@ def read_any(path: str, unet: nn.Module) -> tuple[dict[str, Tensor], dict[str, A
         f"{path}: not a LoRA file this framework reads (ours, diffusers / PEFT 'unet.*.lora_A', "
         "or kohya 'lora_unet_*')"
     )
+
+
+def split_spec(spec: str) -> tuple[str, float]:
+    """An adapter given as ``path[:weight]`` -> (path, weight); the weight defaults to 1."""
+    match = re.fullmatch(r"(.+?)(?::(-?[0-9.]+))?", spec)
+    return match.group(1), float(match.group(2) or 1.0)

@@ -76,10 +76,24 @@ class _Adapter(nn.Module):
 
     def delta_weight(self) -> Tensor:
         """The update of the base weight, ``alpha / rank * up @ down``, float32."""
-        up, down = self.up.weight.float(), self.down.weight.float()
-        if down.ndim == 4:  # conv: up is 1x1 (out, r, 1, 1), down (r, in, kh, kw)
-            return torch.einsum("or,rikl->oikl", up[:, :, 0, 0], down) * (self.alpha / self.rank)
-        return (up @ down) * (self.alpha / self.rank)  # (out, r) @ (r, in)
+        return low_rank_delta(self.down.weight, self.up.weight, self.alpha / self.rank)
+
+
+def low_rank_delta(down: Tensor, up: Tensor, scale: float) -> Tensor:
+    """``scale * up @ down`` in float32, shaped as the adapted layer's weight."""
+    up, down = up.float(), down.float()
+    if down.ndim == 4:  # conv: up is 1x1 (out, r, 1, 1), down (r, in, kh, kw)
+        return torch.einsum("or,rikl->oikl", up[:, :, 0, 0], down) * scale
+    return (up @ down) * scale  # (out, r) @ (r, in)
+
+
+def layer_alpha(tensors: Mapping[str, Tensor], path: str, settings: Mapping[str, Any]) -> float:
+    """An adapter layer's alpha: its own (kohya files store one per layer), else the
+    settings' ``alpha`` (``conv_alpha`` for a conv), else its rank."""
+    down = tensors[f"{path}.lora_down.weight"]
+    if f"{path}.alpha" in tensors:
+        return float(tensors[f"{path}.alpha"])
+    return float(settings.get("conv_alpha" if down.ndim == 4 else "alpha") or down.shape[0])
 
 
 class _LoRALayer:
@@ -386,13 +400,7 @@ def load_adapter(
     stored = info.get("settings") or {}
     for path in sorted(layers):
         down, up = tensors[f"{path}.lora_down.weight"], tensors[f"{path}.lora_up.weight"]
-        rank, conv = down.shape[0], down.ndim == 4
-        if f"{path}.alpha" in tensors:  # kohya files store alpha per layer
-            alpha = float(tensors[f"{path}.alpha"])
-        elif conv:
-            alpha = float(stored.get("conv_alpha") or rank)
-        else:
-            alpha = float(stored.get("alpha") or rank)
+        rank, alpha = down.shape[0], layer_alpha(tensors, path, stored)
         layer = _as_lora(modules[path])
         if name in layer.lora:
             raise ValueError(f"{path} already has an adapter named {name!r}")

@@ -17,7 +17,6 @@ input's training config when it had one, so ``sample.py`` and ``base=`` read it.
 from __future__ import annotations
 
 import json
-import re
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -29,6 +28,8 @@ from safetensors import safe_open
 from torch import Tensor
 
 from ldm.convert.checkpoint import file_digest, read_weights, save_safetensors
+from ldm.convert.lora import read_any, split_spec
+from ldm.nn.lora import layer_alpha, low_rank_delta
 from ldm.training.checkpoints import CONFIG_KEY, load_checkpoint
 
 METHODS = ("weighted", "add_difference", "bake")
@@ -127,37 +128,18 @@ def bake(
     for tensors, settings, weight in adapters:
         layers = sorted({k.rsplit(".lora_", 1)[0] for k in tensors if ".lora_" in k})
         for layer in layers:
-            down, up = (
-                tensors[f"{layer}.lora_down.weight"].float(),
-                tensors[f"{layer}.lora_up.weight"].float(),
-            )
-            rank = down.shape[0]
-            if f"{layer}.alpha" in tensors:
-                alpha = float(tensors[f"{layer}.alpha"])
-            elif down.ndim == 4:
-                alpha = float(settings.get("conv_alpha") or rank)
-            else:
-                alpha = float(settings.get("alpha") or rank)
-            if down.ndim == 4:
-                delta = torch.einsum("or,rikl->oikl", up[:, :, 0, 0], down)
-            else:
-                delta = up @ down
+            down = tensors[f"{layer}.lora_down.weight"]
+            scale = weight * layer_alpha(tensors, layer, settings) / down.shape[0]
+            delta = low_rank_delta(down, tensors[f"{layer}.lora_up.weight"], scale)
             targets = _targets(out, layer)
             if not targets:
                 raise ValueError(f"adapter layer {layer} has no weight in the base checkpoint")
             for key in targets:
-                out[key] = (out[key].float() + weight * alpha / rank * delta).to(out[key].dtype)
+                out[key] = (out[key].float() + delta).to(out[key].dtype)
     return out
 
 
-def split_spec(spec: str) -> tuple[str, float]:
-    """``path[:weight]`` -> (path, weight)."""
-    match = re.fullmatch(r"(.+?)(?::(-?[0-9.]+))?", spec)
-    return match.group(1), float(match.group(2) or 1.0)
-
-
 def _adapter(spec: str, base: Mapping[str, Tensor]) -> tuple[dict, dict, float]:
-    from ldm.convert.lora import read_any
     from ldm.convert.stable_diffusion import infer_unet_config
     from ldm.models.unet import UNet
 

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from torchvision.utils import make_grid, save_image
 
 from ldm.convert.checkpoint import load_into, read_weights
-from ldm.convert.lora import read_any
+from ldm.convert.lora import read_any, split_spec
 from ldm.convert.stable_diffusion import (
     infer_unet_config,
     infer_vae_config,
@@ -33,7 +33,6 @@ from ldm.models.unet import UNet
 from ldm.models.vae import AutoencoderKL
 from ldm.nn.lora import load_adapter, merge_adapters
 from ldm.seeding import stable_seed
-from ldm.tools.merge import split_spec
 from ldm.training.checkpoints import CONFIG_KEY, SD_VAE_SCALE, read_ours
 from ldm.training.diffusion import LatentDiffusion
 from ldm.training.finetune import apply_lora, apply_textual_inversion
