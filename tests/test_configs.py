@@ -58,3 +58,22 @@ def test_group_option_instantiates(group, option):
         assert out.shape == (8, 2) and bool(torch.isfinite(out).all())
     else:  # groups added later are checked by their own tests; here they must compose
         assert node is not None
+
+
+@pytest.mark.parametrize("sampler", sorted(p.stem for p in (CONF / "sampler").glob("*.yaml")))
+def test_every_sampler_takes_the_spacing_options(sampler):
+    # Listed in every file, so plain overrides work (no "+").
+    overrides = [f"sampler={sampler}", "sampler.spacing=leading", "sampler.offset=1"]
+    cfg = _compose("sample", ["checkpoint=x", *overrides])
+    instantiate(cfg.sampler)
+    assert cfg.sampler.rho == 7.0
+
+
+def test_slurm_jobs_ask_for_the_trainers_nodes():
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(
+            "train",
+            ["hydra/launcher=slurm", "trainer=ddp", "trainer.num_nodes=2"],
+            return_hydra_config=True,
+        )
+    assert cfg.hydra.launcher.nodes == 2
