@@ -186,6 +186,11 @@ def unet_config_to_diffusers(config: Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError("diffusers' UNet2DConditionModel has no middle block without attention")
     if config.get("num_classes") is not None and config.get("pooled_dim") is not None:
         raise ValueError("diffusers has one class embedding: use num_classes or pooled_dim")
+    if config.get("positional_embedding"):
+        raise ValueError(
+            "diffusers' UNet2DConditionModel has no positional embedding on transformer tokens "
+            "(positional_embedding=true): the export would compute something else"
+        )
     base, mults = config["model_channels"], config["channel_multipliers"]
     channels = [base * m for m in mults]
     attention = set(config["attention_levels"])

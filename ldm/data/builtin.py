@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -86,6 +87,34 @@ POSITIONS = {  # centre as fractions of the side, and how captions say it
     "in the bottom right": (0.7, 0.7),
 }
 _SUPERSAMPLE = 4  # drawn 4x larger, then downsampled: antialiased edges
+# What every shapes caption names, in caption order: attribute -> its values (a value's
+# index is its class in attribute classifiers, ldm.metrics.attributes).
+SHAPE_ATTRIBUTES: dict[str, tuple[str, ...]] = {
+    "size": tuple(SIZES),
+    "colour": tuple(COLOURS),
+    "shape": SHAPES,
+    "position": tuple(POSITIONS),
+    "background": tuple(BACKGROUNDS),
+}
+_CAPTION = re.compile(
+    "a ({size}) ({colour}) ({shape}) ({position}) on a ({background}) background".format(
+        **{name: "|".join(map(re.escape, values)) for name, values in SHAPE_ATTRIBUTES.items()}
+    )
+)
+
+
+def parse_shapes_caption(caption: str) -> dict[str, int]:
+    """The attribute classes a shapes caption names (``SHAPE_ATTRIBUTES`` indices)."""
+    match = _CAPTION.fullmatch(caption.strip())
+    if match is None:
+        raise ValueError(
+            f"{caption!r} is not a shapes caption ('a <size> <colour> <shape> <position> on a "
+            "<background> background' with the values of ldm.data.builtin.SHAPE_ATTRIBUTES)"
+        )
+    return {
+        name: values.index(found)
+        for (name, values), found in zip(SHAPE_ATTRIBUTES.items(), match.groups(), strict=True)
+    }
 
 
 @dataclass(frozen=True)
@@ -103,6 +132,13 @@ class ShapeSpec:
     def caption(self) -> str:
         where = f"{self.position} on a {self.background} background"
         return f"a {self.size} {self.colour} {self.shape} {where}"
+
+    @property
+    def classes(self) -> dict[str, int]:
+        """Attribute -> class index (``SHAPE_ATTRIBUTES``): the exact truth of the image."""
+        return {
+            name: values.index(getattr(self, name)) for name, values in SHAPE_ATTRIBUTES.items()
+        }
 
 
 class ShapesDataset(_ImageDataset):

@@ -75,7 +75,7 @@ class GenerativeMetrics(Metric):
 
     def __init__(
         self,
-        reference: Tensor,  # (N, D) reference features, in sample order
+        reference: Tensor | None,  # (N, D) reference features, in sample order; None: CLIP only
         *,
         kid_subsets: int = 100,
         kid_subset_size: int = 1000,  # capped at the smaller sample count
@@ -84,12 +84,14 @@ class GenerativeMetrics(Metric):
         pr_k: int | None = 3,  # precision / recall neighbourhood; None: not computed
     ):
         super().__init__()
-        if reference.ndim != 2 or len(reference) < 2:
+        if reference is not None and (reference.ndim != 2 or len(reference) < 2):
             raise ValueError(
                 f"reference features must be (N >= 2, D), got {tuple(reference.shape)}"
             )
         self.kid_subsets, self.kid_subset_size = kid_subsets, kid_subset_size
         self.is_splits, self.seed, self.pr_k = is_splits, seed, pr_k
+        self.with_features = reference is not None
+        reference = reference if reference is not None else torch.zeros(2, 1)
         self.register_buffer("reference", reference.double(), persistent=False)
         dim = reference.shape[1]
         self.add_state("total", default=torch.zeros(dim, dtype=torch.float64), dist_reduce_fx="sum")
@@ -108,17 +110,20 @@ class GenerativeMetrics(Metric):
 
     def update(
         self,
-        features: Tensor,  # (B, D) of generated samples
+        features: Tensor | None,  # (B, D) of generated samples; None without a reference
         index: Tensor,  # (B,) their global indices: the order KID and IS use
         logits: Tensor | None = None,  # (B, classes): for IS
         clip_scores: Tensor | None = None,  # (B,) per-sample CLIP scores
     ) -> None:
-        features = features.double()
-        self.total += features.sum(0)
-        self.outer += features.T @ features
-        self.count += len(features)
-        self.features.append(features)
-        self.index.append(index.double())
+        if (features is None) == self.with_features:
+            raise ValueError("features go with reference features, and only with them")
+        if features is not None:
+            features = features.double()
+            self.total += features.sum(0)
+            self.outer += features.T @ features
+            self.count += len(features)
+            self.features.append(features)
+            self.index.append(index.double())
         if logits is not None:
             self.logits.append(logits.double())
         if clip_scores is not None:
@@ -129,6 +134,8 @@ class GenerativeMetrics(Metric):
         return dim_zero_cat(values)[dim_zero_cat(self.index).argsort()]
 
     def compute(self) -> dict[str, float]:
+        if not self.with_features:
+            return self._clip()
         real = self.reference
         mu_r, sigma_r = real.mean(0), torch.cov(real.T)
         mu_f, sigma_f = _moments(self.total, self.outer, self.count)
@@ -154,9 +161,12 @@ class GenerativeMetrics(Metric):
         if logits is not None and logits.numel():
             ordered = self._ordered(self.logits)
             out["is_mean"], out["is_std"] = inception_score(ordered, self.is_splits, generator)
+        return out | self._clip()
+
+    def _clip(self) -> dict[str, float]:
         if float(self.clip_count) > 0:
-            out["clip_score"] = float(self.clip_sum / self.clip_count)
-        return out
+            return {"clip_score": float(self.clip_sum / self.clip_count)}
+        return {}
 
 
 def inception_score(

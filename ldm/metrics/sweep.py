@@ -26,6 +26,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from ldm.diffusion.samplers import get_sampler, make_sampler
+from ldm.metrics.attributes import AttributeAccuracy, AttributeJudge
 from ldm.metrics.extractors import FeatureExtractor, to_uint8
 from ldm.metrics.scores import GenerativeMetrics
 from ldm.seeding import stable_seed
@@ -82,13 +83,13 @@ def _counting(sampler: Callable[..., Tensor], calls: list[int]) -> Callable[...,
 
 class Evaluator:
     """FID / KID / IS (and CLIP score) of generated samples against fixed reference
-    features, on one rank of ``world_size``."""
+    features, and prompt adherence (``attributes``), on one rank of ``world_size``."""
 
     def __init__(
         self,
-        reference: Tensor,  # (N, D) reference features in sample order
+        reference: Tensor | None,  # (N, D) reference features in sample order; None: no FID
         conditions: Dataset | None,  # captions / labels of generated sample i: conditions[i % len]
-        extractor: FeatureExtractor,
+        extractor: FeatureExtractor | None,  # None: no feature metrics (FID, KID, IS, ...)
         *,
         num_samples: int,
         batch_size: int = 64,
@@ -98,14 +99,22 @@ class Evaluator:
         kid_subset_size: int = 1000,
         pr_k: int | None = 3,  # precision / recall neighbourhood; None: skip
         clip: Callable[[Tensor, list[str]], Tensor] | None = None,  # uint8 images, captions -> (B,)
+        attributes: AttributeJudge | None = None,  # prompt adherence on shapes captions
     ):
+        if (reference is None) != (extractor is None):
+            raise ValueError("give reference features and their extractor together, or neither")
+        if extractor is None and attributes is None and clip is None:
+            raise ValueError("nothing to measure: give an extractor, attributes or clip")
         self.conditions, self.extractor, self.num_samples = conditions, extractor, num_samples
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
-        self.clip = clip
+        self.clip, self.attributes = clip, attributes
         self.metrics = GenerativeMetrics(
             reference, kid_subset_size=kid_subset_size, seed=seed, pr_k=pr_k
         )
-        if num_samples < SMALL_N:
+        self.attribute_metric = (
+            AttributeAccuracy(attributes.attributes) if attributes is not None else None
+        )
+        if extractor is not None and num_samples < SMALL_N:
             log.warning(
                 "FID from %d samples: its bias grows like 1/n (and below the feature width, "
                 "%d, the covariance is rank-deficient); compare FIDs only at equal n",
@@ -129,6 +138,9 @@ class Evaluator:
         device = module.device
         self.metrics = self.metrics.to(device)
         self.metrics.reset()
+        if self.attribute_metric is not None:
+            self.attribute_metric = self.attribute_metric.to(device)
+            self.attribute_metric.reset()
         options = {"steps": point.steps, "spacing": point.spacing}
         if point.eta is not None:
             options["eta"] = point.eta
@@ -152,12 +164,20 @@ class Evaluator:
                     generator=generators,
                 )
                 pixels = to_uint8(images)
-                features, logits = self.extractor.features_and_logits(pixels)
+                features, logits = (
+                    self.extractor.features_and_logits(pixels)
+                    if self.extractor is not None
+                    else (None, None)
+                )
                 clip = self.clip(pixels, captions) if self.clip is not None and captions else None
+                if self.attribute_metric is not None:
+                    self.attribute_metric.update(self.attributes.correct(pixels, captions))
             self.metrics.update(features, torch.tensor(indices, device=device), logits, clip)
             batches += 1
         seconds = time.perf_counter() - start
         result = self.metrics.compute()
+        if self.attribute_metric is not None:
+            result |= self.attribute_metric.compute()
         nfe = calls[0] / batches if batches else float("nan")
         return {
             **asdict(point),
@@ -171,6 +191,9 @@ class Evaluator:
 
 # --------------------------------------------------------------------------- results
 
+ATTRIBUTE_KEYS = tuple(
+    f"attr_{name}" for name in ("shape", "colour", "size", "position", "background", "joint")
+)
 METRIC_KEYS = (
     "fid",
     "kid_mean",
@@ -180,7 +203,9 @@ METRIC_KEYS = (
     "is_mean",
     "is_std",
     "clip_score",
+    *ATTRIBUTE_KEYS,
 )
+SPREAD_KEYS = ("fid", "kid_mean", "is_mean", "clip_score", *ATTRIBUTE_KEYS)
 
 
 def summarize(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -200,23 +225,26 @@ def summarize(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
             values = [m[key] for m in members if key in m]
             if values:
                 row[key] = statistics.fmean(values)
-                if len(values) > 1 and key in ("fid", "kid_mean", "is_mean", "clip_score"):
+                if len(values) > 1 and key in SPREAD_KEYS:
                     row[f"{key}_spread"] = statistics.stdev(values)
         out.append(row)
     return out
 
 
 def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
-    columns = ["sampler", "eta", "spacing", "guidance", "steps", "nfe", "n", "fid"]
+    columns = ["sampler", "eta", "spacing", "guidance", "steps", "nfe", "n"]
     columns += [
         c
         for c in (
+            "fid",
             "fid_spread",
             "kid_mean",
             "precision",
             "recall",
             "is_mean",
             "clip_score",
+            *ATTRIBUTE_KEYS,
+            "attr_joint_spread",
             "seconds_per_image",
         )
         if any(c in r for r in rows)
@@ -233,8 +261,11 @@ def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def plot_fid_vs_nfe(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
-    """FID against NFE (log scale), one line per sampler / eta / spacing / guidance."""
+def plot_fid_vs_nfe(
+    rows: Sequence[Mapping[str, Any]], path: str | Path, metric: str = "fid"
+) -> Path:
+    """``metric`` (FID) against NFE (log scale), one line per sampler / eta / spacing /
+    guidance, with the spread over repeats as error bars."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -246,14 +277,17 @@ def plot_fid_vs_nfe(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path
         label = GridPoint(
             row["sampler"], row["steps"], row["guidance"], row["spacing"], row["eta"]
         ).label
-        lines.setdefault(label, []).append((row["nfe"], row["fid"], row.get("fid_spread", 0.0)))
+        lines.setdefault(label, []).append(
+            (row["nfe"], row[metric], row.get(f"{metric}_spread", 0.0))
+        )
     for label, points in sorted(lines.items()):
         points.sort()
         x, y, err = zip(*points, strict=True)
         axis.errorbar(x, y, yerr=err if any(err) else None, marker="o", label=label, capsize=2)
     axis.set_xscale("log")
     axis.set_xlabel("network evaluations per sample (NFE)")
-    axis.set_ylabel(f"FID (n = {rows[0]['n']})")
+    names = {"fid": "FID", "attr_joint": "joint attribute accuracy"}
+    axis.set_ylabel(f"{names.get(metric, metric)} (n = {rows[0]['n']})")
     axis.grid(True, which="both", alpha=0.3)
     axis.legend(fontsize=7)
     figure.tight_layout()
@@ -266,7 +300,7 @@ def plot_fid_vs_nfe(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path
 def write_results(
     rows: Sequence[Mapping[str, Any]], out_dir: str | Path, meta: Mapping[str, Any]
 ) -> dict[str, Path]:
-    """results.csv / .json / .md and fid_vs_nfe.png in ``out_dir``."""
+    """results.csv / .json / .md, fid_vs_nfe.png and attributes_vs_nfe.png in ``out_dir``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = summarize(rows)
@@ -280,5 +314,10 @@ def write_results(
         json.dumps({"meta": meta, "rows": summary, "runs": list(rows)}, indent=2, default=str)
     )
     paths["md"].write_text(markdown_table(summary) + "\n")
-    paths["png"] = plot_fid_vs_nfe(summary, out_dir / "fid_vs_nfe.png")
+    if all("fid" in row for row in summary):
+        paths["png"] = plot_fid_vs_nfe(summary, out_dir / "fid_vs_nfe.png")
+    if all("attr_joint" in row for row in summary):
+        paths["attributes_png"] = plot_fid_vs_nfe(
+            summary, out_dir / "attributes_vs_nfe.png", metric="attr_joint"
+        )
     return paths

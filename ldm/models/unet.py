@@ -58,6 +58,7 @@ class UNet(nn.Module):
         scale_shift: bool = False,  # resnets condition as norm * (1 + scale) + shift
         dropout: float = 0.0,
         norm_groups: int = 32,
+        positional_embedding: bool = False,  # 2-d positions on transformer tokens (not in SD)
     ):
         super().__init__()
         # The constructor arguments, for checkpoints' metadata and ldm.convert.
@@ -92,7 +93,15 @@ class UNet(nn.Module):
         def transformer(channels: int, depth: int) -> SpatialTransformer:
             heads, dim = heads_for(channels)
             return SpatialTransformer(
-                channels, heads, dim, depth, context_dim, linear_projection, norm_groups, dropout
+                channels,
+                heads,
+                dim,
+                depth,
+                context_dim,
+                linear_projection,
+                norm_groups,
+                dropout,
+                positional=positional_embedding,
             )
 
         def resblock(cin: int, cout: int) -> ResBlock:

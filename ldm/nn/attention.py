@@ -4,6 +4,8 @@
 ``depth`` transformer blocks (self-attention, cross-attention to a context, GEGLU
 feed-forward of Shazeer 2020, each pre-LayerNorm with a residual), a projection out and a
 residual. Parameter names follow the original code (``attn1``, ``attn2``, ``ff.net``).
+Optionally the tokens get fixed 2-d sine-cosine positions (``positional``, as in DiT;
+no parameters), which small latents need to learn where a caption puts things.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
+
+from ldm.nn.embeddings import grid_embedding
 
 
 class CrossAttention(nn.Module):
@@ -98,10 +102,11 @@ class SpatialTransformer(nn.Module):
         linear_projection: bool = False,  # Linear (SD 2.x) or 1x1 Conv (SD 1.x) in / out
         norm_groups: int = 32,
         dropout: float = 0.0,
+        positional: bool = False,  # add fixed 2-d sine-cosine positions to the tokens
     ):
         super().__init__()
         inner = heads * head_dim
-        self.linear_projection = linear_projection
+        self.linear_projection, self.positional = linear_projection, positional
         self.norm = nn.GroupNorm(norm_groups, channels, eps=1e-6)
         projection = nn.Linear if linear_projection else lambda i, o: nn.Conv2d(i, o, 1)
         self.proj_in = projection(channels, inner)
@@ -119,6 +124,8 @@ class SpatialTransformer(nn.Module):
         x = rearrange(x, "b c h w -> b (h w) c")
         if self.linear_projection:
             x = self.proj_in(x)
+        if self.positional:  # where each token is: cross-attention can place what it reads
+            x = x + grid_embedding(h, w, x.shape[-1]).to(x)
         for block in self.transformer_blocks:
             x = block(x, context)
         if self.linear_projection:

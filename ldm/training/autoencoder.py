@@ -26,6 +26,7 @@ from torchvision.utils import make_grid, save_image
 from ldm.seeding import stable_seed
 from ldm.training.callbacks import log_image
 from ldm.training.checkpoints import CONFIG_KEY
+from ldm.training.speed import compile_network, compile_options, to_channels_last
 
 RECONSTRUCTION_LOSSES = ("l1", "l2")
 # Checkpoints hold the state after each step, which is what resuming needs.
@@ -52,6 +53,9 @@ class AutoencoderTraining(L.LightningModule):
         logvar_init: float = 0.0,  # the learned output log-variance of the NLL
         posterior_logvar_init: float | None = None,  # e.g. -8: start nearly deterministic
         gradient_clip_val: float | None = None,  # manual optimization clips here
+        lr_scheduler: Callable[[Optimizer], Any] | None = None,  # a partial: opt -> scheduler
+        channels_last: bool = True,  # channels-last VAE weights (ldm.training.speed)
+        compile: bool | str | Mapping[str, Any] = False,  # torch.compile encoder and decoder
         seed: int = 0,
     ):
         super().__init__()
@@ -62,9 +66,23 @@ class AutoencoderTraining(L.LightningModule):
         self.automatic_optimization = False
         # Checkpoints keep plain values only (weights_only loading): no modules, no partials.
         self.save_hyperparameters(
-            ignore=["vae", "discriminator", "perceptual", "optimizer", "disc_optimizer"]
+            ignore=[
+                "vae",
+                "discriminator",
+                "perceptual",
+                "optimizer",
+                "disc_optimizer",
+                "lr_scheduler",
+            ]
         )
         self.make_optimizer, self.make_disc_optimizer = optimizer, disc_optimizer
+        self.make_lr_scheduler = lr_scheduler
+        compile_options(compile)  # a bad value fails here, not at the first step
+        self._compiled = False
+        if channels_last:
+            to_channels_last(vae)
+            if discriminator is not None:
+                to_channels_last(discriminator)
         self.vae, self.discriminator, self.perceptual = vae, discriminator, perceptual
         self.logvar = nn.Parameter(torch.tensor(float(logvar_init)))
         if posterior_logvar_init is not None:
@@ -147,6 +165,8 @@ class AutoencoderTraining(L.LightningModule):
         self.manual_backward(terms["loss"])
         self._clip(opt_ae)
         opt_ae.step()
+        if self.make_lr_scheduler is not None:  # manual optimization steps it here
+            self.lr_schedulers().step()
         logs = {f"train/{k}": v for k, v in terms.items() if k != "loss"}
         if adversarial:
             d_loss = self._disc_loss(batch["image"], recon)
@@ -189,9 +209,18 @@ class AutoencoderTraining(L.LightningModule):
         save_image(grid.clamp(0, 1), path)
         log_image(self.trainer, "reconstructions", grid.clamp(0, 1), path)
 
+    def configure_model(self) -> None:
+        """Compile the encoder and decoder (once)."""
+        if not self._compiled:
+            self._compiled = compile_network(self.vae.encoder, self.hparams.compile)
+            compile_network(self.vae.decoder, self.hparams.compile)
+
     def configure_optimizers(self) -> Any:
         params = [*self.vae.parameters(), self.logvar]
         optimizers = [self.make_optimizer(params)]
         if self.discriminator is not None:
             optimizers.append(self.make_disc_optimizer(self.discriminator.parameters()))
-        return optimizers
+        if self.make_lr_scheduler is None:
+            return optimizers
+        # The autoencoder's schedule, stepped once per generator step (training_step).
+        return optimizers, [self.make_lr_scheduler(optimizers[0])]

@@ -9,7 +9,7 @@ import os
 import signal
 import subprocess
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -218,12 +218,18 @@ class SampleGrid(L.Callback):
         seeds: Sequence[int] = (0,),
         guidance_scale: float = 3.0,
         folder: str | None = None,  # default: <trainer.default_root_dir>/samples
+        attributes: bool | str = "auto",  # judge shapes prompts: grid.json + samples/attr_*
+        attribute_classifier: Mapping[str, Any] | None = None,  # its settings (tests: smaller)
+        cache_dir: str | None = None,  # of the attribute classifier; default <run>/reference_stats
     ):
         if not prompts or not samplers:
             raise ValueError("SampleGrid needs at least one prompt and one sampler")
         self.prompts, self.seeds = list(prompts), list(seeds)
         self.samplers = {sampler_label(s): s for s in samplers}
         self.every_n_steps, self.guidance_scale, self.folder = every_n_steps, guidance_scale, folder
+        self.attributes, self.cache_dir = attributes, cache_dir
+        self.attribute_classifier = dict(attribute_classifier or {})
+        self._judge: Any = None
         self._last_step = -1
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
@@ -250,6 +256,15 @@ class SampleGrid(L.Callback):
     def grid(self, pl_module: L.LightningModule) -> Tensor:
         """(3, H, W) in [0, 1]: rows are prompts, columns are sampler x seed (then the
         same without LoRA adapters, when the model has them)."""
+        return self._tile(self.images(pl_module))
+
+    @staticmethod
+    def _tile(columns: list[Tensor]) -> Tensor:
+        tiles = torch.stack(columns, dim=1).flatten(0, 1)  # (prompts * columns, 3, H, W)
+        return make_grid(tiles.float().cpu() * 0.5 + 0.5, nrow=len(columns), padding=1)
+
+    def images(self, pl_module: L.LightningModule) -> list[Tensor]:
+        """One (prompts, 3, H, W) batch in [-1, 1] per column of the grid."""
         inputs: Any = self.prompts
         if all(isinstance(p, int) for p in self.prompts):
             inputs = torch.tensor(self.prompts, device=pl_module.device)
@@ -273,24 +288,63 @@ class SampleGrid(L.Callback):
             finally:
                 if saved is not None:
                     set_adapter_weights(networks, saved)
-        tiles = torch.stack(columns, dim=1).flatten(0, 1)  # (prompts * columns, 3, H, W)
-        return make_grid(tiles.float().cpu() * 0.5 + 0.5, nrow=len(columns), padding=1)
+        return columns
+
+    def judge(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Any:
+        """The shapes attribute judge when ``attributes`` asks for one (trained once)."""
+        if self._judge is None:
+            from ldm.metrics.attributes import attribute_judge
+
+            prompts = [{"caption": p} for p in self.prompts]
+            cache = self.cache_dir or Path(trainer.default_root_dir) / "reference_stats"
+            judge = attribute_judge(
+                self.attributes,
+                prompts,
+                pl_module.image_size[0],
+                cache,
+                pl_module.conditioner,
+                self.attribute_classifier,
+            )
+            self._judge = judge.to(pl_module.device) if judge is not None else False
+        return self._judge or None
+
+    def score(self, judge: Any, columns: list[Tensor]) -> dict[str, Any]:
+        """Per-attribute and joint accuracy over the grid, and each tile's misses."""
+        from ldm.metrics.extractors import to_uint8
+
+        prompts = [str(p) for p in self.prompts]
+        right = [judge.correct(to_uint8(images), prompts) for images in columns]
+        total = {n: float(torch.stack([r[n] for r in right]).double().mean()) for n in right[0]}
+        joint = torch.stack([torch.stack(list(r.values())).all(0) for r in right])
+        total["joint"] = float(joint.double().mean())
+        misses = [  # rows x columns: the attributes each tile gets wrong
+            [[n for n, r in column.items() if not r[row]] for column in right]
+            for row in range(len(prompts))
+        ]
+        return {"accuracy": total, "wrong": misses}
 
     def _write(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path | None:
         self._last_step = trainer.global_step
         was_training = pl_module.training
         pl_module.eval()
         try:
-            grid = self.grid(pl_module)
+            columns = self.images(pl_module)
+            judge = self.judge(trainer, pl_module)
         finally:
             pl_module.train(was_training)
         if not trainer.is_global_zero:
             return None
+        grid = self._tile(columns)
         folder = Path(self.folder or Path(trainer.default_root_dir) / "samples")
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"step_{trainer.global_step:06d}.png"
         save_image(grid, path)
-        legend = {"rows": self.prompts, "columns": self.columns(pl_module)}
+        legend: dict[str, Any] = {"rows": self.prompts, "columns": self.columns(pl_module)}
+        if judge is not None:
+            legend["attributes"] = self.score(judge, columns)
+            values = {f"samples/attr_{k}": v for k, v in legend["attributes"]["accuracy"].items()}
+            for logger in trainer.loggers:
+                logger.log_metrics(values, step=trainer.global_step)
         (folder / "grid.json").write_text(json.dumps(legend, indent=2))
         log_image(trainer, "samples", grid, path)
         return path
@@ -329,7 +383,9 @@ class FIDCallback(L.Callback):
         every_n_steps: int = 1000,
         num_samples: int = 500,
         *,
-        extractor: str = "torchscript:fid-helper",
+        extractor: str | None = "torchscript:fid-helper",  # None: no FID / KID
+        attributes: bool | str = "auto",  # prompt adherence on shapes captions (val/attr_*)
+        attribute_classifier: Mapping[str, Any] | None = None,  # its settings (tests: smaller)
         sampler: str = "ddim",
         steps: int = 50,
         spacing: str = "trailing",
@@ -349,6 +405,7 @@ class FIDCallback(L.Callback):
             seed,
             cache_dir,
         )
+        self.attributes, self.attribute_classifier = attributes, dict(attribute_classifier or {})
         self.point = GridPoint(
             sampler, steps, guidance_scale, spacing, eta if sampler == "ddim" else None
         )
@@ -356,33 +413,46 @@ class FIDCallback(L.Callback):
         self._last_step = -1
 
     def _setup(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from ldm.metrics.attributes import attribute_judge
         from ldm.metrics.extractors import make_extractor
         from ldm.metrics.reference import reference_features
         from ldm.metrics.sweep import Evaluator
 
         datamodule = trainer.datamodule
         split = datamodule.dataset(self.split)
-        extractor = make_extractor(self.extractor_spec).to(pl_module.device)
-        factory = datamodule.factory
-        config = {
-            "factory": getattr(getattr(factory, "func", factory), "__qualname__", repr(factory))
-        }
-        config |= {k: repr(v) for k, v in getattr(factory, "keywords", {}).items()}
-        count = min(self.num_samples, len(split))
-        reference, _, _ = reference_features(
+        cache_dir = self.cache_dir or Path(trainer.default_root_dir) / "reference_stats"
+        extractor, reference = None, None
+        if self.extractor_spec:
+            extractor = make_extractor(self.extractor_spec).to(pl_module.device)
+            factory = datamodule.factory
+            config = {
+                "factory": getattr(getattr(factory, "func", factory), "__qualname__", repr(factory))
+            }
+            config |= {k: repr(v) for k, v in getattr(factory, "keywords", {}).items()}
+            count = min(self.num_samples, len(split))
+            reference, _, _ = reference_features(
+                split,
+                extractor,
+                dataset_config=config,
+                split=self.split,
+                count=count,
+                cache_dir=cache_dir,
+                batch_size=self.batch_size,
+                device=pl_module.device,
+                rank=trainer.global_rank,
+                world_size=trainer.world_size,
+            )
+            reference = reference.to(pl_module.device)
+        judge = attribute_judge(
+            self.attributes,
             split,
-            extractor,
-            dataset_config=config,
-            split=self.split,
-            count=count,
-            cache_dir=self.cache_dir or Path(trainer.default_root_dir) / "reference_stats",
-            batch_size=self.batch_size,
-            device=pl_module.device,
-            rank=trainer.global_rank,
-            world_size=trainer.world_size,
+            pl_module.image_size[0],
+            cache_dir,
+            pl_module.conditioner,
+            self.attribute_classifier,
         )
         self.evaluator = Evaluator(
-            reference.to(pl_module.device),
+            reference,
             split,
             extractor,
             num_samples=self.num_samples,
@@ -392,6 +462,7 @@ class FIDCallback(L.Callback):
             world_size=trainer.world_size,
             kid_subset_size=min(1000, self.num_samples),
             pr_k=None,  # only FID and KID are logged
+            attributes=judge.to(pl_module.device) if judge is not None else None,
         )
 
     def on_train_batch_end(
@@ -413,7 +484,9 @@ class FIDCallback(L.Callback):
             result = self.evaluator.score(pl_module, self.point)
         finally:
             pl_module.train(was_training)
-        values = {"val/fid": result["fid"]}
+        values = {f"val/{k}": v for k, v in result.items() if k.startswith("attr_")}
+        if "fid" in result:
+            values["val/fid"] = result["fid"]
         if "kid_mean" in result:
             values["val/kid"] = result["kid_mean"]
         for logger in trainer.loggers:

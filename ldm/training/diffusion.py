@@ -30,6 +30,7 @@ from ldm.models.vae import DiagonalGaussian
 from ldm.seeding import stable_seed
 from ldm.training.checkpoints import CONFIG_KEY
 from ldm.training.ema import EMA
+from ldm.training.speed import compile_network, compile_options, to_channels_last
 
 Conditioning = dict[str, Tensor]
 # The frozen VAE and the EMA copy are in eval mode on purpose.
@@ -55,6 +56,8 @@ class LatentDiffusion(L.LightningModule):
         ema_decay: float | None = 0.9999,  # None: no EMA
         image_size: int | Sequence[int] = 32,  # pixels of generated images
         scale_batches: int = 8,  # batches that estimate the latent scale when unset
+        channels_last: bool = False,  # channels-last UNet weights (ldm.training.speed)
+        compile: bool | str | Mapping[str, Any] = False,  # torch.compile the training UNet
         seed: int = 0,
     ):
         super().__init__()
@@ -71,6 +74,10 @@ class LatentDiffusion(L.LightningModule):
             self.networks["conditioner"] = conditioner
         self.vae = vae.eval().requires_grad_(False) if vae is not None else None
         self.schedule = schedule
+        compile_options(compile)  # a bad value fails here, not at the first step
+        self._compiled = False
+        if channels_last:
+            to_channels_last(unet)
         # EMA of the parts that train (a frozen text tower is not copied).
         self.ema = EMA(self._trainable(), ema_decay) if ema_decay is not None else None
         self._ema_step = -1
@@ -245,6 +252,11 @@ class LatentDiffusion(L.LightningModule):
         if self.ema is not None and self.global_step != self._ema_step:
             self._ema_step = self.global_step
             self.ema.update(self._trainable())
+
+    def configure_model(self) -> None:
+        """Compile the UNet that trains (once; the EMA copy samples eagerly)."""
+        if not self._compiled:
+            self._compiled = compile_network(self.unet, self.hparams.compile)
 
     def configure_optimizers(self) -> Any:
         if self.make_optimizer is None:

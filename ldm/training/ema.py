@@ -34,12 +34,16 @@ class EMA(nn.Module):
     def update(self, network: nn.Module) -> None:
         decay = self.current_decay()
         averaged = dict(self.average.named_parameters())
+        targets, sources = [], []
         for name, param in network.named_parameters():
             target = averaged[name]
             if param.requires_grad:
-                target.lerp_(param.detach().to(target.dtype), 1 - decay)
+                targets.append(target)
+                sources.append(param.detach().to(target.dtype))
             else:  # frozen weights (e.g. a LoRA's base) are copied, not averaged
                 target.copy_(param.detach())
+        if targets:  # one vectorised update instead of a kernel launch per tensor
+            torch._foreach_lerp_(targets, sources, 1 - decay)
         averaged_buffers = dict(self.average.named_buffers())
         for name, buffer in network.named_buffers():
             averaged_buffers[name].copy_(buffer)

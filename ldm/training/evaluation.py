@@ -11,6 +11,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from ldm.metrics.attributes import attribute_judge, headline
 from ldm.metrics.extractors import make_extractor
 from ldm.metrics.reference import (
     content_digest,
@@ -29,11 +30,14 @@ def evaluate(cfg: DictConfig, out_dir: str | Path) -> list[dict[str, Any]]:
     fabric.launch()
     data = instantiate(cfg.data)
     split = data.dataset(cfg.split)
-    extractor = make_extractor(cfg.extractor).to(fabric.device)
+    extractor = make_extractor(cfg.extractor).to(fabric.device) if cfg.extractor else None
     dataset_config = OmegaConf.to_container(cfg.data.dataset, resolve=True)
     count = min(cfg.reference_count or cfg.num_samples, len(split))
     common = dict(dataset_config=dataset_config, split=cfg.split, count=count)
-    if cfg.reference_stats:  # a given file: its provenance must match this evaluation
+    reference = None
+    if extractor is None:
+        pass  # no feature metrics: attributes (and CLIP score) only
+    elif cfg.reference_stats:  # a given file: its provenance must match this evaluation
         expected = provenance(
             dataset_config, cfg.split, count, extractor, content_digest(split, count)
         )
@@ -57,8 +61,16 @@ def evaluate(cfg: DictConfig, out_dir: str | Path) -> list[dict[str, Any]]:
         (Path(out_dir) / "provenance.json").write_text(json.dumps(common, indent=2, default=str))
     module = load_model(cfg).to(fabric.device)
     clip = instantiate(cfg.clip).to(fabric.device) if cfg.clip else None
+    judge = attribute_judge(
+        cfg.attributes,
+        split,
+        module.image_size[0],
+        cfg.cache_dir,
+        module.conditioner,
+        cfg.get("attribute_classifier"),
+    )
     evaluator = Evaluator(
-        reference.to(fabric.device),
+        reference.to(fabric.device) if reference is not None else None,
         split,
         extractor,
         num_samples=cfg.num_samples,
@@ -69,6 +81,7 @@ def evaluate(cfg: DictConfig, out_dir: str | Path) -> list[dict[str, Any]]:
         kid_subset_size=cfg.kid_subset_size,
         pr_k=cfg.get("precision_recall_k"),
         clip=clip,
+        attributes=judge.to(fabric.device) if judge is not None else None,
     )
     rows: list[dict] = []
     meta = OmegaConf.to_container(cfg, resolve=True) | {"world_size": fabric.world_size}
@@ -78,7 +91,7 @@ def evaluate(cfg: DictConfig, out_dir: str | Path) -> list[dict[str, Any]]:
             rows.append(row)
             if fabric.global_rank == 0:
                 what = f"{point.label}, {point.steps} steps, repeat {repeat}"
-                print(f"{what}: FID {row['fid']:.3f} (NFE {row['nfe']:.0f})", flush=True)
+                print(f"{what}: {headline(row)} (NFE {row['nfe']:.0f})", flush=True)
                 paths = write_results(rows, out_dir, meta)  # after every row: nothing lost
     if fabric.global_rank == 0:
         print(markdown_table(summarize(rows)))

@@ -38,6 +38,17 @@ def test_cache_round_trip(tmp_path):
         assert torch.equal(sample["pooled"], cond["pooled"][i])
         assert sample["caption"] == images["caption"][i]
         assert sample["label"] == images["label"][i]
+    in_memory = latent_cache("val", root=tmp_path / "cache", in_memory=True)  # map-style
+    assert len(in_memory) == 10
+    for index in range(10):
+        sample, streamed = in_memory[index], cached[in_memory[index]["key"]]
+        assert sample.keys() == streamed.keys()
+        for name, value in sample.items():
+            assert (
+                torch.equal(value, streamed[name])
+                if torch.is_tensor(value)
+                else value == streamed[name]
+            )
     # The scale factor that gives unit variance follows from the recorded statistics.
     z = posterior.mean + posterior.std * torch.randn(100, *posterior.mean.shape)  # 100 draws
     assert info["latent_std"] == pytest.approx(z.std().item(), rel=0.02)

@@ -26,6 +26,7 @@ BASE = [
     "kid_subset_size=6",
     "image_size=16",
 ]
+SMALL_CLASSIFIER = "{train_count:600,held_out_count:100,epochs:1}"  # seconds, not a minute
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +50,7 @@ def test_a_sweep_writes_one_row_per_grid_point_and_the_plot(checkpoint, tmp_path
         "grid.steps=[2,3]",
         "grid.eta=[0.0,1.0]",
         "repeats=2",
+        "attributes=false",
     )
     runs = evaluate(cfg, tmp_path / "out")
     assert len(runs) == 12  # (ddim x 2 eta + ddpm) x 2 step counts, x 2 repeats
@@ -78,7 +80,8 @@ def _evaluate_cli(tmp_path, checkpoint, name, *extra):
         f"cache_dir={tmp_path / 'cache'}",
         f"hydra.run.dir={tmp_path / name}",
     ]
-    args += ["grid.sampler=[ddpm,ddim]", "grid.steps=[3]", *extra]
+    args += ["grid.sampler=[ddpm,ddim]", "grid.steps=[3]", "attributes=true", *extra]
+    args += [f"attribute_classifier={SMALL_CLASSIFIER}"]
     done = subprocess.run(
         [sys.executable, str(ROOT / "evaluate.py"), *args],
         cwd=tmp_path,
@@ -97,7 +100,7 @@ def test_one_and_two_processes_give_the_same_fid_and_kid(checkpoint, tmp_path):
     one = _evaluate_cli(tmp_path, checkpoint, "one")
     two = _evaluate_cli(tmp_path, checkpoint, "two", "fabric.devices=2", "fabric.strategy=ddp")
     for sampler in ("ddpm", "ddim"):  # ddpm: per-sample step noise, whatever the rank
-        for key in ("fid", "kid_mean", "kid_std", "precision", "recall", "is_mean"):
+        for key in ("fid", "kid_mean", "kid_std", "precision", "recall", "is_mean", "attr_joint"):
             assert two[sampler][key] == pytest.approx(one[sampler][key], rel=1e-6, abs=1e-9), (
                 sampler,
                 key,
@@ -111,6 +114,7 @@ def test_fid_callback_logs_during_training(tmp_path):
         "callbacks.fid.every_n_steps=2",
         "callbacks.fid.num_samples=8",
         "callbacks.fid.extractor=tiny",
+        "callbacks.fid.attributes=false",
         "callbacks.fid.steps=2",
         "callbacks.fid.batch_size=4",
     )
@@ -119,3 +123,58 @@ def test_fid_callback_logs_during_training(tmp_path):
     header = lines[0].split(",")
     fids = [row.split(",")[header.index("val/fid")] for row in lines[1:]]
     assert len([f for f in fids if f]) == 2  # steps 2 and 4
+
+
+def test_attributes_alone_need_no_feature_network(checkpoint, tmp_path):
+    cfg = _compose(
+        *BASE,
+        f"checkpoint={checkpoint}",
+        f"cache_dir={tmp_path / 'cache'}",
+        "extractor=null",
+        "attributes=true",
+        f"attribute_classifier={SMALL_CLASSIFIER}",
+        "grid.steps=[2,3]",
+        "repeats=2",
+    )
+    runs = evaluate(cfg, tmp_path / "out")
+    assert len(runs) == 4 and all("fid" not in r for r in runs)
+    for run in runs:
+        for name in ("shape", "colour", "size", "position", "background", "joint"):
+            assert 0 <= run[f"attr_{name}"] <= 1
+    summary = json.loads((tmp_path / "out" / "results.json").read_text())["rows"]
+    assert "attr_joint_spread" in summary[0]
+    assert (tmp_path / "out" / "attributes_vs_nfe.png").is_file()
+    assert not (tmp_path / "out" / "fid_vs_nfe.png").exists()
+    assert "attr_shape" in (tmp_path / "out" / "results.md").read_text()
+    assert len(list((tmp_path / "cache").glob("attributes-*.safetensors"))) == 1
+
+
+def test_attributes_true_needs_shapes_captions(checkpoint, tmp_path):
+    cfg = _compose(
+        *BASE,
+        f"checkpoint={checkpoint}",
+        f"cache_dir={tmp_path / 'cache'}",
+        "data=digits",
+        "data.dataset.size=16",
+        "attributes=true",
+    )
+    with pytest.raises(ValueError, match=r"attributes=true needs .* shapes captions"):
+        evaluate(cfg, tmp_path / "out")
+
+
+def test_fid_callback_logs_prompt_adherence(tmp_path):
+    cfg = compose_train(
+        tmp_path,
+        "callbacks=with_fid",
+        "callbacks.fid.every_n_steps=4",
+        "callbacks.fid.num_samples=8",
+        "callbacks.fid.extractor=null",
+        "callbacks.fid.attributes=true",
+        f"callbacks.fid.attribute_classifier={SMALL_CLASSIFIER}",
+        "callbacks.fid.steps=2",
+        "callbacks.fid.batch_size=4",
+    )
+    train(cfg, tmp_path)
+    lines = (tmp_path / "csv" / "version_0" / "metrics.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    assert "val/attr_joint" in header and "val/attr_shape" in header and "val/fid" not in header

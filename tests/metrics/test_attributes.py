@@ -1,0 +1,101 @@
+"""The shapes attribute judge: captions parse to the exact attributes of their images, real
+held-out images score at the classifier's ceiling with their own captions and near chance
+with shuffled ones, the classifier is cached, and the metric's sums are order-free."""
+
+import pytest
+import torch
+
+from ldm.data.builtin import SHAPE_ATTRIBUTES, ShapesDataset, parse_shapes_caption
+from ldm.metrics import attributes
+from ldm.metrics.attributes import (
+    AttributeAccuracy,
+    is_shapes_caption,
+    shapes_images,
+    shapes_judge,
+)
+
+# Small enough for a few seconds here; the default settings reach 100% (docs/evaluation.md).
+TINY = {"train_count": 3000, "held_out_count": 600, "epochs": 4, "lr": 5e-3}
+
+
+@pytest.fixture(scope="module")
+def judge(tmp_path_factory):
+    return shapes_judge(16, tmp_path_factory.mktemp("cache"), **TINY)
+
+
+def test_captions_name_exactly_what_the_images_show():
+    dataset = ShapesDataset("val", size=16)
+    for index in range(300):
+        spec = dataset.spec(index)
+        assert parse_shapes_caption(spec.caption) == spec.classes
+        assert dataset[index]["caption"] == spec.caption
+    with pytest.raises(ValueError, match="a huge red circle"):
+        parse_shapes_caption("a huge red circle in the center on a white background")
+    assert not is_shapes_caption("a photo of a cat") and not is_shapes_caption(None)
+
+
+def test_real_images_score_at_the_ceiling_and_shuffled_captions_near_chance(judge):
+    images, targets, captions = shapes_images("val", TINY["held_out_count"], 16)
+    own = judge.score(images, captions)
+    assert own == pytest.approx(judge.ceiling, abs=1e-12)  # the ceiling is this very score
+    assert min(own[n] for n in SHAPE_ATTRIBUTES) > 0.9 and own["joint"] > 0.8
+    shuffled = [captions[i] for i in torch.randperm(len(captions), generator=torch.Generator())]
+    score = judge.score(images, shuffled)
+    n = len(captions)
+    for name in SHAPE_ATTRIBUTES:
+        # Chance: the probability that two independent samples share the class.
+        share = torch.bincount(targets[name]).double() / n
+        chance = float(share.square().sum())
+        assert abs(score[name] - chance) < 4 * (chance * (1 - chance) / n) ** 0.5 + 0.02, name
+    assert score["joint"] < 0.05
+
+
+def test_the_classifier_is_cached_by_its_training_images_and_settings(judge, tmp_path, monkeypatch):
+    first = shapes_judge(16, tmp_path, **TINY)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("trained again instead of loading the cache")
+
+    monkeypatch.setattr(attributes, "train_classifier", refuse)
+    again = shapes_judge(16, tmp_path, **TINY)
+    images, _, _ = shapes_images("test", 64, 16)
+    assert again.ceiling == first.ceiling
+    for name in SHAPE_ATTRIBUTES:
+        assert torch.equal(
+            again.classifier.predict(images)[name], first.classifier.predict(images)[name]
+        )
+    with pytest.raises(AssertionError, match="trained again"):  # other settings: a new one
+        shapes_judge(16, tmp_path, **(TINY | {"epochs": 1}))
+    assert len(list(tmp_path.glob("attributes-*.safetensors"))) == 1
+
+
+def test_training_is_deterministic(tmp_path):
+    settings = TINY | {"train_count": 500, "epochs": 1, "held_out_count": 100}
+    a = shapes_judge(16, tmp_path / "a", **settings)
+    b = shapes_judge(16, tmp_path / "b", **settings)
+    theirs = b.classifier.state_dict()
+    for name, tensor in a.classifier.state_dict().items():
+        assert torch.equal(tensor, theirs[name]), name
+
+
+def test_the_metric_is_a_sum_over_batches_in_any_order(judge):
+    images, _, captions = shapes_images("test", 90, 16)
+    captions = captions[:45] + [captions[i] for i in reversed(range(45, 90))]  # half wrong
+    whole = judge.score(images, captions)
+    metric = AttributeAccuracy(judge.attributes)
+    for chunk in reversed(range(0, 90, 20)):
+        metric.update(judge.correct(images[chunk : chunk + 20], captions[chunk : chunk + 20]))
+    result = metric.compute()
+    assert set(result) == {f"attr_{n}" for n in [*SHAPE_ATTRIBUTES, "joint"]}
+    for name, value in whole.items():
+        assert result[f"attr_{name}"] == pytest.approx(value, abs=1e-12)
+
+
+def test_images_of_another_size_are_resized_and_bad_input_refused(judge):
+    images, _, captions = shapes_images("val", 50, 32)
+    score = judge.score(images, captions)  # 32 px images, a 16 px classifier
+    assert score["background"] > 0.9
+    with pytest.raises(ValueError, match="uint8"):
+        judge.score(images.float(), captions)
+    with pytest.raises(ValueError, match="50 images for 49 captions"):
+        judge.correct(images, captions[:49])
