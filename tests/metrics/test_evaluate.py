@@ -149,19 +149,6 @@ def test_attributes_alone_need_no_feature_network(checkpoint, tmp_path):
     assert len(list((tmp_path / "cache").glob("attributes-*.safetensors"))) == 1
 
 
-def test_attributes_true_needs_shapes_captions(checkpoint, tmp_path):
-    cfg = _compose(
-        *BASE,
-        f"checkpoint={checkpoint}",
-        f"cache_dir={tmp_path / 'cache'}",
-        "data=digits",
-        "data.dataset.size=16",
-        "attributes=true",
-    )
-    with pytest.raises(ValueError, match=r"attributes=true needs .* shapes captions"):
-        evaluate(cfg, tmp_path / "out")
-
-
 def test_fid_callback_logs_prompt_adherence(tmp_path):
     cfg = compose_train(
         tmp_path,
