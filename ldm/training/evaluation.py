@@ -34,15 +34,13 @@ def evaluate(cfg: DictConfig, out_dir: str | Path) -> list[dict[str, Any]]:
     dataset_config = OmegaConf.to_container(cfg.data.dataset, resolve=True)
     count = min(cfg.reference_count or cfg.num_samples, len(split))
     common = dict(dataset_config=dataset_config, split=cfg.split, count=count)
-    reference = None
-    if extractor is None:
-        pass  # no feature metrics: attributes (and CLIP score) only
-    elif cfg.reference_stats:  # a given file: its provenance must match this evaluation
+    reference = None  # stays None without an extractor: attributes (and CLIP score) only
+    if extractor is not None and cfg.reference_stats:  # its provenance must match this run
         expected = provenance(
             dataset_config, cfg.split, count, extractor, content_digest(split, count)
         )
         reference, _ = read_reference(cfg.reference_stats, expected)
-    else:
+    elif extractor is not None:
         reference, _, extracted = reference_features(
             split,
             extractor,
