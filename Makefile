@@ -21,6 +21,9 @@ quickstart: $(STAMP)  ## tiny VAE + latent diffusion on the built-in shapes, the
 		data.dataset.root=$(QUICK)/latents trainer.max_steps=1500
 	@echo "samples (rows: prompts; columns: DDPM 100 steps, DDIM 50 steps x 2 seeds):"
 	@ls $(QUICK)/ldm/samples/*.png
+	@echo "prompt adherence of 500 samples (DDIM 50 steps, guidance 3) for held-out captions:"
+	$(PYTHON) evaluate.py checkpoint=$(QUICK)/ldm/checkpoints/last.ckpt extractor=null \
+		attributes=true num_samples=500 'grid.steps=[50]' hydra.run.dir=$(QUICK)/eval
 
 study: $(STAMP)  ## sampler study on analytic data: table + plots under outputs/study/
 	$(PYTHON) study.py

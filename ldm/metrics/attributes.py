@@ -35,6 +35,7 @@ from ldm.metrics.extractors import to_uint8
 log = logging.getLogger(__name__)
 PREFIX = "attr_"  # result keys: attr_shape, ..., attr_joint
 JOINT = "joint"
+RESULT_KEYS = tuple(f"{PREFIX}{name}" for name in [*SHAPE_ATTRIBUTES, JOINT])
 VERSION = 1  # of the network and its training recipe: part of the cache key
 
 
@@ -329,14 +330,10 @@ def attribute_judge(
 
 
 def headline(row: Mapping[str, Any]) -> str:
-    """FID and / or joint attribute accuracy of a result row, for progress lines."""
-    parts = []
-    if "fid" in row:
-        parts.append(f"FID {row['fid']:.3f}")
-    if f"{PREFIX}{JOINT}" in row:
-        names = [*SHAPE_ATTRIBUTES, JOINT]
-        parts.append(
-            "attributes "
-            + ", ".join(f"{n} {row[PREFIX + n]:.1%}" for n in names if PREFIX + n in row)
-        )
+    """FID and / or the attribute accuracies of a result row, for progress lines."""
+    parts = [f"FID {row['fid']:.3f}"] if "fid" in row else []
+    present = [key for key in RESULT_KEYS if key in row]
+    if present:
+        named = (f"{key.removeprefix(PREFIX)} {row[key]:.1%}" for key in present)
+        parts.append("attributes " + ", ".join(named))
     return "; ".join(parts) or "no metrics"

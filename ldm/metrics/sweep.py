@@ -26,6 +26,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from ldm.diffusion.samplers import get_sampler, make_sampler
+from ldm.metrics.attributes import RESULT_KEYS as ATTRIBUTE_KEYS
 from ldm.metrics.attributes import AttributeAccuracy, AttributeJudge
 from ldm.metrics.extractors import FeatureExtractor, to_uint8
 from ldm.metrics.scores import GenerativeMetrics
@@ -191,9 +192,6 @@ class Evaluator:
 
 # --------------------------------------------------------------------------- results
 
-ATTRIBUTE_KEYS = tuple(
-    f"attr_{name}" for name in ("shape", "colour", "size", "position", "background", "joint")
-)
 METRIC_KEYS = (
     "fid",
     "kid_mean",
