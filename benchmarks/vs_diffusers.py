@@ -221,14 +221,9 @@ class _GroupNormSiLU(torch.autograd.Function):
 
 
 def _median_ms(fn: Callable[[], object], steps: int = 30) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000
+    from train_throughput import median_step  # benchmarks/ is this script's folder
+
+    return median_step(fn, steps) * 1000
 
 
 def _gn_silu_ms(shape: tuple[int, ...], groups: int, channels_last: bool) -> tuple[float, float]:
