@@ -34,7 +34,8 @@ benchmark-shapes: $(STAMP)  ## the shapes models trained toward their floors (~7
 	$(PYTHON) train.py experiment=shapes_ldm name=benchmark_shapes/ldm \
 		vae_checkpoint=$(BENCH)/vae/checkpoints/last.ckpt trainer.max_steps=10000 \
 		callbacks=with_fid callbacks.fid.every_n_steps=2000 callbacks.fid.num_samples=1000 \
-		callbacks.checkpoint.every_n_train_steps=2000 callbacks.samples.every_n_steps=2000
+		callbacks.checkpoint.every_n_train_steps=2000 callbacks.samples.every_n_steps=2000 \
+		callbacks.fid.cache_dir=$(BENCH)/reference_stats callbacks.samples.cache_dir=$(BENCH)/reference_stats
 	$(PYTHON) evaluate.py checkpoint=$(BENCH)/ldm/checkpoints/last.ckpt num_samples=1000 \
 		reference_count=1000 'grid.steps=[50]' cache_dir=$(BENCH)/reference_stats \
 		hydra.run.dir=$(BENCH)/eval

@@ -125,3 +125,58 @@ class GaussianMixture:
         a, s = math.sqrt(alpha_bar), math.sqrt(1 - alpha_bar)
         z = (x_t.double() - a * mean) / (a**2 * std**2 + s**2).sqrt()
         return (mean + std * z).to(x_t.dtype)
+
+
+@dataclass(frozen=True, eq=False)
+class EmpiricalMixture:
+    """Equal-weight isotropic Gaussians ``N(m_k, std^2 I)`` around ``points`` (K, D), each
+    in group ``groups[k]``: a data set as a mixture whose exact denoiser is two matrix
+    products per step (``GaussianMixture`` would hold a (B, K, D) tensor). A sample may be
+    restricted to one group's components (its caption): the exact conditional denoiser."""
+
+    points: Tensor
+    std: float
+    groups: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.points.ndim != 2 or not self.std > 0:
+            raise ValueError(
+                f"need points (K, D) and std > 0, got {tuple(self.points.shape)}, {self.std}"
+            )
+        if self.groups is not None and self.groups.shape != self.points.shape[:1]:
+            raise ValueError(f"groups {tuple(self.groups.shape)} must be ({len(self.points)},)")
+
+    def posterior_mean(
+        self, x_t: Tensor, alpha_bar: Tensor | float, group: Tensor | None = None
+    ) -> Tensor:
+        """``E[x0 | x_t]`` for ``x_t`` (B, D) at ``alpha_bar`` (scalar or (B,)); with
+        ``group`` (B,), sample i mixes only the components of group ``group[i]`` (-1: all)."""
+        points = self.points.to(x_t.device, x_t.dtype)
+        a, s = vp_coefficients(alpha_bar, x_t)  # (B, 1) or scalars
+        a = torch.as_tensor(a, dtype=x_t.dtype, device=x_t.device).reshape(-1, 1)
+        s = torch.as_tensor(s, dtype=x_t.dtype, device=x_t.device).reshape(-1, 1)
+        var0 = self.std**2
+        var_t = a**2 * var0 + s**2  # (B or 1, 1): the same for every component
+        # log N(x_t; a m_k, var_t I) up to terms equal for all k:
+        # (a x.m_k - a^2 |m_k|^2 / 2) / var_t
+        logits = (a * (x_t @ points.T) - 0.5 * a**2 * points.square().sum(1)) / var_t
+        if group is not None and self.groups is not None:
+            groups = self.groups.to(x_t.device)
+            foreign = (group[:, None] >= 0) & (groups[None] != group[:, None])
+            logits = logits.masked_fill(foreign, float("-inf"))
+        mixed = torch.softmax(logits, dim=1) @ points  # sum_k r_k m_k
+        shrink = a * var0 / var_t
+        return (1 - a * shrink) * mixed + shrink * x_t
+
+    def denoiser(self, schedule: Schedule, prediction: str) -> Denoiser:
+        """The exact ``prediction`` model ``(x_t, t) -> output`` under ``schedule`` (any
+        trailing shape: samples are flattened to D)."""
+        check_prediction(prediction)
+
+        def model(x_t: Tensor, t: Tensor, group: Tensor | None = None) -> Tensor:
+            alpha_bar = schedule.alphas_cumprod_at(t).to(x_t.device)
+            flat = x_t.reshape(len(x_t), -1)
+            x0 = self.posterior_mean(flat, alpha_bar, group).reshape(x_t.shape)
+            return convert(x0, x_t, alpha_bar, src="x0", dst=prediction)
+
+        return model

@@ -110,6 +110,10 @@ def load_model(cfg: DictConfig) -> LatentDiffusion:
         load_lora(module, str(spec), f"lora{index}")
     if cfg.get("adapters") and cfg.get("adapters_merge"):
         merge_adapters(module.sampling_networks())
+    if cfg.get("exact_denoiser"):  # the network's place taken by its data's exact denoiser
+        from ldm.studies.exact_latents import use_exact_denoiser
+
+        module = use_exact_denoiser(module, cfg.exact_denoiser)
     device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else cfg.device
     return module.to("cpu" if device == "auto" else device).eval()
 
