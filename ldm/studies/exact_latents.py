@@ -65,9 +65,9 @@ class ExactDenoiser(nn.Module):
         return self.model(x_t, t, group)
 
 
-def training_mixture(vae: nn.Module, root: str | Path) -> tuple[EmpiricalMixture, list[str]]:
+def training_mixture(vae: nn.Module, root: str | Path) -> tuple[EmpiricalMixture, CaptionGroups]:
     """The scaled posterior means of ``root/train`` as an ``EmpiricalMixture`` grouped by
-    caption, and the captions."""
+    caption, and the conditioner that maps captions to those groups."""
     from ldm.data.latents import InMemoryLatents, fingerprint
 
     cache = InMemoryLatents(Path(root) / "train")
@@ -85,14 +85,13 @@ def training_mixture(vae: nn.Module, root: str | Path) -> tuple[EmpiricalMixture
     points = vae.scale_latents(posterior.mean).flatten(1)
     std = float(posterior.var.mean().sqrt()) * scale
     groups = CaptionGroups(cache.captions)
-    labels = groups.groups_of(cache.captions)
-    return EmpiricalMixture(points.float(), std, labels), cache.captions
+    return EmpiricalMixture(points.float(), std, groups.groups_of(cache.captions)), groups
 
 
 def use_exact_denoiser(module: nn.Module, root: str | Path) -> nn.Module:
     """Swap ``module``'s (a ``LatentDiffusion``) UNet and conditioner for the exact
     denoiser of the latent cache at ``root`` (made with the same VAE); EMA is dropped."""
-    mixture, captions = training_mixture(module.vae, root)
+    mixture, groups = training_mixture(module.vae, root)
     f, (h, w) = module.vae.downsample_factor, module.image_size
     size = module.vae.latent_channels * (h // f) * (w // f)
     if mixture.points.shape[1] != size:
@@ -101,6 +100,6 @@ def use_exact_denoiser(module: nn.Module, root: str | Path) -> nn.Module:
             f"model samples {size} ({h}x{w} images): cache images of the model's size"
         )
     module.networks["unet"] = ExactDenoiser(mixture, module.schedule, module.hparams.prediction)
-    module.networks["conditioner"] = CaptionGroups(captions)
+    module.networks["conditioner"] = groups
     module.ema = None
     return module
