@@ -47,22 +47,29 @@ benchmark-shapes: $(STAMP)  ## the shapes models trained toward their floors (~7
 study: $(STAMP)  ## sampler study on analytic data: table + plots under outputs/study/
 	$(PYTHON) study.py
 
-OUT := $(or $(LDM_OUTPUT_DIR),outputs)
-DDIM := $(OUT)/ddim_study
+DDIM := $(or $(LDM_OUTPUT_DIR),outputs)/ddim_study
+DDIM_GRID := num_samples=1000 reference_count=1000 'grid.eta=[0.0,0.5,1.0]' \
+	cache_dir=$(BENCH)/reference_stats
 
-ddim-study: $(STAMP)  ## the DDIM paper's eta x steps comparison on the shapes model (docs/ddim-study.md)
-	test -f $(QUICK)/vae/checkpoints/last.ckpt || \
-		$(PYTHON) train.py experiment=shapes_vae name=quickstart/vae
-	test -f $(QUICK)/latents/val/cache.json || $(PYTHON) -m ldm.data.latents \
-		$(QUICK)/vae/checkpoints/last.ckpt $(QUICK)/latents --data shapes --splits train val
-	test -f $(DDIM)/ldm/checkpoints/last.ckpt || $(PYTHON) train.py experiment=shapes_ldm \
-		name=ddim_study/ldm data=latents data.dataset.root=$(QUICK)/latents \
-		data.dataset.in_memory=true trainer.max_steps=4000
-	$(PYTHON) evaluate.py checkpoint=$(DDIM)/ldm/checkpoints/last.ckpt num_samples=500 \
-		reference_count=1000 'grid.steps=[10,20,50,100,1000]' 'grid.eta=[0.0,0.5,1.0]' \
-		cache_dir=$(DDIM)/reference_stats hydra.run.dir=$(DDIM)/eval
-	$(PYTHON) benchmarks/fid_floors.py $(DDIM)/reference_stats/reference-*.safetensors \
-		--vae $(QUICK)/vae/checkpoints/last.ckpt
+# The DDIM paper's eta x steps table on the model of benchmark-shapes, with its network and
+# with the exact denoiser of its training latents, unguided and at guidance 3: n = 1000,
+# 3 seeds at 10-100 steps, 1 seed at 1000 steps. Each part is skipped once done (its DONE
+# file), so the hours it takes on a CPU can be spread over several runs.
+ddim-study: $(STAMP)  ## the DDIM eta x steps comparison, network vs exact denoiser (docs/ddim-study.md)
+	test -f $(BENCH)/ldm/checkpoints/last.ckpt || $(MAKE) benchmark-shapes
+	test -f $(BENCH)/latents/train/cache.json || $(PYTHON) -m ldm.data.latents \
+		$(BENCH)/vae/checkpoints/last.ckpt $(BENCH)/latents --data shapes --splits train
+	for model in network exact; do for g in 1.0 3.0; do for part in few many; do \
+		run=$(DDIM)/$$model-g$$g-$$part; test -f $$run/DONE && continue; \
+		if [ $$part = few ]; then steps='[10,20,50,100]'; repeats=3; \
+		else steps='[1000]'; repeats=1; fi; \
+		exact=null; [ $$model = exact ] && exact=$(BENCH)/latents; \
+		$(PYTHON) evaluate.py checkpoint=$(BENCH)/ldm/checkpoints/last.ckpt $(DDIM_GRID) \
+			"grid.steps=$$steps" repeats=$$repeats "grid.guidance=[$$g]" \
+			exact_denoiser=$$exact hydra.run.dir=$$run && touch $$run/DONE || exit 1; \
+	done; done; done
+	$(PYTHON) benchmarks/fid_floors.py $(BENCH)/reference_stats/reference-*.safetensors \
+		--vae $(BENCH)/vae/checkpoints/last.ckpt --n 1000
 
 test: $(STAMP) lint  ## lint, then the whole test suite
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
