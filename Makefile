@@ -27,7 +27,7 @@ quickstart: $(STAMP)  ## tiny VAE + latent diffusion on the built-in shapes, the
 
 BENCH := $(or $(LDM_OUTPUT_DIR),outputs)/benchmark_shapes
 
-benchmark-shapes: $(STAMP)  ## the shapes models trained toward their floors (~75 min; docs/benchmark-shapes.md)
+benchmark-shapes: $(STAMP)  ## the shapes models trained toward their floors (~90 min; docs/benchmark-shapes.md)
 	$(PYTHON) train.py experiment=shapes_vae name=benchmark_shapes/vae \
 		model.vae.base_channels=32 data.batch_size=16 trainer.max_steps=6000 \
 		trainer.val_check_interval=1000 callbacks.checkpoint.every_n_train_steps=1000
@@ -39,10 +39,12 @@ benchmark-shapes: $(STAMP)  ## the shapes models trained toward their floors (~7
 	$(PYTHON) evaluate.py checkpoint=$(BENCH)/ldm/checkpoints/last.ckpt num_samples=1000 \
 		reference_count=1000 'grid.steps=[50]' cache_dir=$(BENCH)/reference_stats \
 		hydra.run.dir=$(BENCH)/eval
-	$(PYTHON) benchmarks/fid_floors.py $(BENCH)/reference_stats/reference-*.safetensors \
-		--vae $(BENCH)/vae/checkpoints/last.ckpt --n 1000
-	$(PYTHON) -m ldm.tools.curves $(BENCH)/vae $(BENCH)/ldm --out $(BENCH)/curves.png \
-		--keys train/loss train/rec_loss val/rec_loss val/loss val/fid val/attr_shape val/attr_joint
+	$(PYTHON) benchmarks/fid_floors.py $$(ls $(BENCH)/reference_stats/reference-*.safetensors | head -1) \
+		--vae $(BENCH)/vae/checkpoints/last.ckpt --n 1000  # the callback's and evaluate's: same images
+	$(PYTHON) -m ldm.tools.curves $(BENCH)/vae --out $(BENCH)/vae_curves.png \
+		--keys train/rec_loss val/rec_loss val/kl
+	$(PYTHON) -m ldm.tools.curves $(BENCH)/ldm --out $(BENCH)/ldm_curves.png \
+		--keys train/loss val/loss val/fid val/attr_shape val/attr_joint
 
 study: $(STAMP)  ## sampler study on analytic data: table + plots under outputs/study/
 	$(PYTHON) study.py
@@ -68,7 +70,7 @@ ddim-study: $(STAMP)  ## the DDIM eta x steps comparison, network vs exact denoi
 			"grid.steps=$$steps" repeats=$$repeats "grid.guidance=[$$g]" \
 			exact_denoiser=$$exact hydra.run.dir=$$run && touch $$run/DONE || exit 1; \
 	done; done; done
-	$(PYTHON) benchmarks/fid_floors.py $(BENCH)/reference_stats/reference-*.safetensors \
+	$(PYTHON) benchmarks/fid_floors.py $$(ls $(BENCH)/reference_stats/reference-*.safetensors | head -1) \
 		--vae $(BENCH)/vae/checkpoints/last.ckpt --n 1000
 
 test: $(STAMP) lint  ## lint, then the whole test suite
