@@ -152,9 +152,7 @@ class EmpiricalMixture:
         """``E[x0 | x_t]`` for ``x_t`` (B, D) at ``alpha_bar`` (scalar or (B,)); with
         ``group`` (B,), sample i mixes only the components of group ``group[i]`` (-1: all)."""
         points = self.points.to(x_t.device, x_t.dtype)
-        a, s = vp_coefficients(alpha_bar, x_t)  # (B, 1) or scalars
-        a = torch.as_tensor(a, dtype=x_t.dtype, device=x_t.device).reshape(-1, 1)
-        s = torch.as_tensor(s, dtype=x_t.dtype, device=x_t.device).reshape(-1, 1)
+        a, s = (c.reshape(-1, 1) for c in vp_coefficients(alpha_bar, x_t))  # (B or 1, 1)
         var0 = self.std**2
         var_t = a**2 * var0 + s**2  # (B or 1, 1): the same for every component
         # log N(x_t; a m_k, var_t I) up to terms equal for all k:

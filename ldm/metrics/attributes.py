@@ -155,12 +155,16 @@ def train_classifier(
     return model.eval()
 
 
-def accuracy(predicted: Mapping[str, Tensor], targets: Mapping[str, Tensor]) -> dict[str, float]:
-    """Per-attribute and joint accuracy of class predictions."""
-    right = {n: predicted[n].cpu() == targets[n].cpu() for n in predicted}
+def rates(right: Mapping[str, Tensor]) -> dict[str, float]:
+    """Per-attribute and joint accuracy of ``{attribute: (B,) bool}``."""
     out = {n: float(r.double().mean()) for n, r in right.items()}
     out[JOINT] = float(torch.stack(list(right.values())).all(0).double().mean())
     return out
+
+
+def accuracy(predicted: Mapping[str, Tensor], targets: Mapping[str, Tensor]) -> dict[str, float]:
+    """Per-attribute and joint accuracy of class predictions."""
+    return rates({n: predicted[n].cpu() == targets[n].cpu() for n in predicted})
 
 
 def shapes_images(

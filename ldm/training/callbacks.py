@@ -310,18 +310,17 @@ class SampleGrid(L.Callback):
 
     def score(self, judge: Any, columns: list[Tensor]) -> dict[str, Any]:
         """Per-attribute and joint accuracy over the grid, and each tile's misses."""
+        from ldm.metrics.attributes import rates
         from ldm.metrics.extractors import to_uint8
 
         prompts = [str(p) for p in self.prompts]
-        right = [judge.correct(to_uint8(images), prompts) for images in columns]
-        total = {n: float(torch.stack([r[n] for r in right]).double().mean()) for n in right[0]}
-        joint = torch.stack([torch.stack(list(r.values())).all(0) for r in right])
-        total["joint"] = float(joint.double().mean())
+        rows, cols = len(prompts), len(columns)
+        right = judge.correct(to_uint8(torch.cat(columns)), prompts * cols)  # column-major tiles
         misses = [  # rows x columns: the attributes each tile gets wrong
-            [[n for n, r in column.items() if not r[row]] for column in right]
-            for row in range(len(prompts))
+            [[n for n, r in right.items() if not r[col * rows + row]] for col in range(cols)]
+            for row in range(rows)
         ]
-        return {"accuracy": total, "wrong": misses}
+        return {"accuracy": rates(right), "wrong": misses}
 
     def _write(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path | None:
         self._last_step = trainer.global_step

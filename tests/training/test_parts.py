@@ -126,3 +126,23 @@ def test_wandb_login_is_read_from_the_environment(monkeypatch, tmp_path):
     assert not wandb_logged_in()
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     assert wandb_logged_in()
+
+
+def test_sample_grid_scores_every_tile_against_its_row_prompt():
+    from ldm.diffusion.samplers import make_sampler
+    from ldm.training.callbacks import SampleGrid
+
+    prompts = ["a large red circle in the center on a white background",
+               "a small blue square in the top left on a black background"]  # fmt: skip
+    grid = SampleGrid(prompts, [make_sampler("ddim", steps=2)], seeds=[0, 1])
+
+    class Judge:  # tile (row r, column c) is right unless it is row 1, column 0
+        def correct(self, images, captions):
+            assert captions == prompts * 2 and len(images) == 4  # column-major tiles
+            shape = torch.tensor([True, False, True, True])
+            return {"shape": shape, "colour": torch.ones(4, dtype=torch.bool)}
+
+    columns = [torch.zeros(2, 3, 8, 8), torch.zeros(2, 3, 8, 8)]
+    scored = grid.score(Judge(), columns)
+    assert scored["accuracy"] == {"shape": 0.75, "colour": 1.0, "joint": 0.75}
+    assert scored["wrong"] == [[[], []], [["shape"], []]]
