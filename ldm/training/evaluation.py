@@ -4,6 +4,7 @@ settings in; FID / KID / IS (/ CLIP score) per grid point out, on 1 or N process
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -81,17 +82,53 @@ def evaluate(cfg: DictConfig, out_dir: str | Path) -> list[dict[str, Any]]:
         clip=clip,
         attributes=judge.to(fabric.device) if judge is not None else None,
     )
-    rows: list[dict] = []
     meta = OmegaConf.to_container(cfg, resolve=True) | {"world_size": fabric.world_size}
+    rows = previous_runs(out_dir, meta) if cfg.get("resume", True) else []
+    done = {_run_key(row) for row in rows}
+    if rows and fabric.global_rank == 0:
+        print(f"resuming: {len(rows)} runs already in {out_dir}/results.json", flush=True)
     for point in grid_points(cfg.grid):
         for repeat in range(cfg.repeats):
+            if _run_key(asdict(point) | {"repeat": repeat}) in done:
+                continue
             row = evaluator.score(module, point, repeat)
             rows.append(row)
             if fabric.global_rank == 0:
                 what = f"{point.label}, {point.steps} steps, repeat {repeat}"
                 print(f"{what}: {headline(row)} (NFE {row['nfe']:.0f})", flush=True)
-                paths = write_results(rows, out_dir, meta)  # after every row: nothing lost
+                write_results(rows, out_dir, meta)  # after every row: nothing lost
     if fabric.global_rank == 0:
+        paths = write_results(rows, out_dir, meta)
         print(markdown_table(summarize(rows)))
         print(f"wrote {', '.join(str(p) for p in paths.values())}")
     return rows
+
+
+# What a run's scores depend on besides its grid point and repeat; the grid, the repeats and
+# how the work is spread may change between a run and its resumption.
+_FREE_KEYS = {"grid", "repeats", "resume", "fabric", "world_size", "device", "batch_size"}
+_POINT_KEYS = ("sampler", "steps", "guidance", "spacing", "eta", "repeat")
+
+
+def _run_key(run: dict[str, Any]) -> tuple:
+    return tuple(run[k] for k in _POINT_KEYS)
+
+
+def previous_runs(out_dir: str | Path, meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """The runs an earlier evaluation left in ``out_dir/results.json``, when its settings
+    match ``meta`` (every sample's noise follows from the seed, so they are the runs this one
+    would make); none when there is no such file. Refuses a file made with other settings."""
+    path = Path(out_dir) / "results.json"
+    if not path.is_file():
+        return []
+    saved = json.loads(path.read_text())
+    old, new = saved.get("meta", {}), json.loads(json.dumps(meta, default=str))
+    keys = (old.keys() | new.keys()) - _FREE_KEYS
+    differ = sorted(k for k in keys if old.get(k) != new.get(k))
+    if differ:
+        raise ValueError(
+            f"{path} was written with other settings ({', '.join(differ)}): its runs are not "
+            "this evaluation's. Evaluate into another hydra.run.dir, or pass resume=false to "
+            "start over there."
+        )
+    return list(saved.get("runs", []))

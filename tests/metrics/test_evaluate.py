@@ -165,3 +165,27 @@ def test_fid_callback_logs_prompt_adherence(tmp_path):
     lines = (tmp_path / "csv" / "version_0" / "metrics.csv").read_text().splitlines()
     header = lines[0].split(",")
     assert "val/attr_joint" in header and "val/attr_shape" in header and "val/fid" not in header
+
+
+def test_an_interrupted_sweep_resumes_where_it_stopped(checkpoint, tmp_path):
+    settings = [
+        *BASE,
+        f"checkpoint={checkpoint}",
+        f"cache_dir={tmp_path / 'cache'}",
+        "attributes=false",
+    ]
+    full = evaluate(_compose(*settings, "grid.steps=[2,3]", "repeats=2"), tmp_path / "full")
+    # the first point alone, as if stopped there; then the whole grid into the same folder
+    evaluate(_compose(*settings, "grid.steps=[2]", "repeats=2"), tmp_path / "out")
+    cfg = _compose(*settings, "grid.steps=[2,3]", "repeats=2", "batch_size=7")
+    resumed = evaluate(cfg, tmp_path / "out")
+    assert [(r["steps"], r["repeat"]) for r in resumed] == [(r["steps"], r["repeat"]) for r in full]
+    assert [r["fid"] for r in resumed] == pytest.approx([r["fid"] for r in full], rel=1e-6)
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert len(saved["runs"]) == 4 and len(saved["rows"]) == 2
+    with pytest.raises(ValueError, match="other settings \\(seed\\)"):
+        evaluate(_compose(*settings, "grid.steps=[2,3]", "seed=1"), tmp_path / "out")
+    fresh = evaluate(
+        _compose(*settings, "grid.steps=[2]", "seed=1", "resume=false"), tmp_path / "out"
+    )
+    assert len(fresh) == 1

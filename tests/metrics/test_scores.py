@@ -108,6 +108,12 @@ def test_extractors_never_touch_the_network(no_network, tmp_path, monkeypatch):
     bundled = make_extractor("torchscript:fid-helper")  # the offline InceptionV3
     assert bundled.num_features == 2048 and bundled.features(images[:1]).shape == (1, 2048)
     assert len(bundled.provenance["weights_sha256"]) == 64
+    # it runs channels-last (faster on CPU): the same features as the plain layout
+    x = torch.nn.functional.interpolate(
+        images[:2].float(), size=(299, 299), mode="bilinear", antialias=True
+    )
+    plain = bundled.net((x / 128.0 - 1.0).contiguous())
+    torch.testing.assert_close(bundled.features(images[:2]), plain, atol=1e-4, rtol=1e-4)
 
 
 def test_to_uint8_rounds_once():
