@@ -1,0 +1,152 @@
+"""Steps x eta tables from ``evaluate.py`` runs: each metric's mean ± sd over the repeats
+(generation seeds), the paired difference of two eta values seed by seed, and a plot of
+the metric against the step count, one line per eta.
+
+    python -m ldm.tools.tables outputs/ddim_study/network-g1.0-few \\
+        outputs/ddim_study/network-g1.0-many --metrics fid attr_joint --paired 0 1 \\
+        --out fid.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+Runs = list[dict[str, Any]]
+
+
+def read_runs(paths: Sequence[str | Path]) -> Runs:
+    """The per-seed runs of ``results.json`` files (or of the run folders holding them)."""
+    runs: Runs = []
+    for path in map(Path, paths):
+        file = path / "results.json" if path.is_dir() else path
+        if not file.is_file():
+            raise FileNotFoundError(f"no results.json at {file} (evaluate.py writes it)")
+        runs += json.loads(file.read_text())["runs"]
+    return runs
+
+
+def _values(runs: Runs, metric: str, steps: int, eta: float) -> dict[int, float]:
+    """``repeat -> value`` at one (steps, eta)."""
+    return {
+        r["repeat"]: float(r[metric])
+        for r in runs
+        if r["steps"] == steps and r["eta"] == eta and metric in r
+    }
+
+
+def mean_sd(values: Sequence[float], digits: int = 1) -> str:
+    """``mean ± sd`` (sample sd over the values), or the value alone when there is one."""
+    if not values:
+        return ""
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.fmean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def table(
+    runs: Runs,
+    metric: str = "fid",
+    paired: tuple[float, float] | None = None,
+    scale: float = 1.0,
+    digits: int = 1,
+) -> str:
+    """Markdown: one row per step count, one column per eta, each cell mean ± sd over the
+    repeats (times ``scale``: 100 for accuracies in %). ``paired=(a, b)`` adds eta a minus
+    eta b, differenced seed by seed (both start from the same noise) before averaging."""
+    etas = sorted({r["eta"] for r in runs})
+    guidance = sorted({r["guidance"] for r in runs})
+    if len(guidance) != 1:
+        raise ValueError(f"runs at guidance {guidance}: table one guidance scale at a time")
+    head = [f"eta = {eta:g}" for eta in etas]
+    if paired:
+        head.append(f"eta {paired[0]:g} − eta {paired[1]:g} (paired)")
+    lines = [
+        f"| steps | repeats | {' | '.join(head)} |",
+        "|---:|---:|" + "---:|" * len(head),
+    ]
+    for steps in sorted({r["steps"] for r in runs}):
+        cells = {eta: _values(runs, metric, steps, eta) for eta in etas}
+        repeats = max(len(c) for c in cells.values())
+        row = [mean_sd([v * scale for v in cells[eta].values()], digits) for eta in etas]
+        if paired:
+            a, b = (cells.get(float(e), {}) for e in paired)
+            row.append(
+                mean_sd([(a[k] - b[k]) * scale for k in sorted(a.keys() & b.keys())], digits)
+            )
+        lines.append(f"| {steps} | {repeats} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def plot(panels: dict[str, Runs], metric: str, out: Path, floors: dict[str, float]) -> None:
+    """One panel per entry of ``panels``: ``metric`` against steps (log), a line per eta
+    with its sd over repeats as error bars; ``floors`` as horizontal lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(4.6 * len(panels), 3.4), squeeze=False, sharey=True
+    )
+    for ax, (title, runs) in zip(axes.flat, panels.items(), strict=True):
+        for eta in sorted({r["eta"] for r in runs}):
+            points = []
+            for steps in sorted({r["steps"] for r in runs}):
+                values = list(_values(runs, metric, steps, eta).values())
+                if values:
+                    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+                    points.append((steps, statistics.fmean(values), sd))
+            if points:
+                x, y, err = zip(*points, strict=True)
+                ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=f"eta {eta:g}")
+        for name, value in floors.items():
+            ax.axhline(value, ls="--", lw=1, color="grey")
+            ax.annotate(name, (ax.get_xlim()[0], value), fontsize=7, va="bottom")
+        ax.set_xscale("log")
+        ax.set_xlabel("steps (NFE per guidance branch)")
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes.flat[0].set_ylabel(metric)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", help="evaluate.py run folders or results.json files")
+    parser.add_argument("--metrics", nargs="+", default=["fid"], help="e.g. fid attr_joint")
+    parser.add_argument("--paired", nargs=2, type=float, help="eta a and b: a column a - b")
+    parser.add_argument(
+        "--panels", nargs="+", help="group the runs into panels: one name per run, in order"
+    )
+    parser.add_argument("--floor", nargs=2, action="append", default=[], metavar=("NAME", "FID"))
+    parser.add_argument("--out", type=Path, help="the plot of the first metric (PNG)")
+    args = parser.parse_args(argv)
+    names = args.panels or ["all"] * len(args.runs)
+    if len(names) != len(args.runs):
+        raise SystemExit(f"--panels names {len(names)} panels for {len(args.runs)} runs")
+    panels: dict[str, Runs] = {}
+    for name, run in zip(names, args.runs, strict=True):
+        panels.setdefault(name, []).extend(read_runs([run]))
+    for name, runs in panels.items():
+        for metric in args.metrics:
+            percent = metric.startswith("attr_")
+            print(f"\n{name}: {metric}{' (%)' if percent else ''}, mean ± sd over repeats\n")
+            paired = tuple(args.paired) if args.paired else None
+            print(table(runs, metric, paired, scale=100.0 if percent else 1.0))
+    if args.out:
+        floors = {name: float(value) for name, value in args.floor}
+        plot(panels, args.metrics[0], args.out, floors)
+        print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""Steps x eta tables from evaluate.py runs (ldm.tools.tables)."""
+
+import json
+
+import pytest
+
+from ldm.tools.tables import main, mean_sd, read_runs, table
+
+
+def _run(tmp_path, name, guidance=1.0):
+    runs = [
+        {"steps": s, "eta": e, "guidance": guidance, "repeat": k, "fid": fid, "attr_joint": 0.5}
+        for s, e, k, fid in [
+            (10, 0.0, 0, 20.0), (10, 0.0, 1, 22.0), (10, 1.0, 0, 25.0), (10, 1.0, 1, 26.0),
+            (100, 0.0, 0, 15.0), (100, 1.0, 0, 14.0),
+        ]
+    ]  # fmt: skip
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "results.json").write_text(json.dumps({"meta": {}, "rows": [], "runs": runs}))
+    return folder
+
+
+def test_cells_are_mean_and_sd_over_repeats_and_pairs_are_differenced_by_seed(tmp_path):
+    runs = read_runs([_run(tmp_path, "a")])
+    lines = table(runs, "fid", paired=(0.0, 1.0)).splitlines()
+    assert lines[0] == "| steps | repeats | eta = 0 | eta = 1 | eta 0 − eta 1 (paired) |"
+    # seed 0: 20 - 25 = -5, seed 1: 22 - 26 = -4
+    assert lines[2] == "| 10 | 2 | 21.0 ± 1.4 | 25.5 ± 0.7 | -4.5 ± 0.7 |"
+    assert lines[3] == "| 100 | 1 | 15.0 | 14.0 | 1.0 |"
+    assert mean_sd([]) == "" and mean_sd([0.5, 0.5], 2) == "0.50 ± 0.00"
+
+
+def test_one_guidance_per_table_and_missing_results_are_named(tmp_path):
+    runs = read_runs([_run(tmp_path, "a"), _run(tmp_path, "b", guidance=3.0)])
+    with pytest.raises(ValueError, match="one guidance scale at a time"):
+        table(runs)
+    with pytest.raises(FileNotFoundError, match=r"no results\.json"):
+        read_runs([tmp_path / "missing"])
+
+
+def test_cli_prints_percent_tables_and_plots_panels(tmp_path, capsys):
+    out = tmp_path / "fid.png"
+    a, b = _run(tmp_path, "a"), _run(tmp_path, "b", guidance=3.0)
+    panels = ["--panels", "g1", "g3", "--metrics", "fid", "attr_joint"]
+    main([str(a), str(b), *panels, "--floor", "recon", "12", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "g3: attr_joint (%)" in printed and "| 10 | 2 | 50.0 ± 0.0 | 50.0 ± 0.0 |" in printed
+    assert out.stat().st_size > 5_000
