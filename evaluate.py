@@ -10,10 +10,12 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from ldm.app import reported
 from ldm.training.evaluation import evaluate
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
+@reported  # a bad weights file: one line naming it, no traceback
 def main(cfg: DictConfig) -> None:
     evaluate(cfg, HydraConfig.get().runtime.output_dir)
 

@@ -9,10 +9,12 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from ldm.app import reported
 from ldm.training.generate import sample
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="sample")
+@reported  # a bad weights file: one line naming it, no traceback
 def main(cfg: DictConfig) -> None:
     sample(cfg, HydraConfig.get().runtime.output_dir)
 

@@ -15,7 +15,6 @@ import json
 import sys
 from pathlib import Path
 
-from ldm.convert.checkpoint import load_into, read_weights, save_safetensors
 from ldm.convert.stable_diffusion import (
     PREFIXES,
     infer_unet_config,
@@ -24,6 +23,7 @@ from ldm.convert.stable_diffusion import (
     save_diffusers_folder,
     split_checkpoint,
 )
+from ldm.io import load_into, read_weights, save_safetensors
 from ldm.models.unet import UNet
 from ldm.models.vae import AutoencoderKL
 

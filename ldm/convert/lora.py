@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ldm.convert.diffusers_unet import unet_module_path
+from ldm.io import WeightsFileError, read_safetensors
 
 DIFFUSERS_METADATA = "lora_adapter_metadata"
 KOHYA_PREFIX = "lora_unet_"
@@ -156,12 +157,7 @@ def from_kohya(state_dict: Mapping[str, Tensor], unet: nn.Module) -> dict[str, T
 def read_any(path: str, unet: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """(tensors in our format, keyed from the networks: ``unet.{path}...``, settings) of an
     adapter file in our, the diffusers / PEFT, or the kohya format (told apart by keys)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    tensors = load_file(path)
-    with safe_open(path, "pt") as handle:
-        metadata = handle.metadata() or {}
+    tensors, metadata = read_safetensors(path)
     if "ldm_lora" in metadata:
         info = json.loads(metadata["ldm_lora"])
         return tensors, info.get("settings") or {}
@@ -170,7 +166,7 @@ def read_any(path: str, unet: nn.Module) -> tuple[dict[str, Tensor], dict[str, A
     if any(k.startswith("unet.") and ".lora_A." in k for k in tensors):
         ours, settings = from_diffusers(tensors, metadata, unet.config)
         return {f"unet.{k}": v for k, v in ours.items()}, settings
-    raise ValueError(
+    raise WeightsFileError(
         f"{path}: not a LoRA file this framework reads (ours, diffusers / PEFT 'unet.*.lora_A', "
         "or kohya 'lora_unet_*')"
     )

@@ -17,7 +17,6 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ldm.convert.checkpoint import load_into, read_weights, save_safetensors
 from ldm.convert.diffusers_unet import (
     unet_config_from_diffusers,
     unet_config_to_diffusers,
@@ -30,6 +29,7 @@ from ldm.convert.diffusers_vae import (
     vae_from_diffusers,
     vae_to_diffusers,
 )
+from ldm.io import load_into, read_weights, save_safetensors
 from ldm.models.unet import UNet
 from ldm.models.vae import AutoencoderKL
 

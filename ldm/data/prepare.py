@@ -45,6 +45,7 @@ from ldm.data.folder import METADATA_FILES, Record, scan_folder
 from ldm.data.images import is_image_file, open_image
 from ldm.data.phash import Duplicates, content_hash, phash
 from ldm.data.transforms import ImageTransform, Interpolation
+from ldm.io import atomic_write
 from ldm.seeding import stable_fraction
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -174,14 +175,8 @@ class _ShardWriter:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_write(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def _input_files(src: Path) -> list[Path]:

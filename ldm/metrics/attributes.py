@@ -23,13 +23,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import load_file
 from torch import Tensor, nn
 from torchmetrics import Metric
 
-from ldm.convert.checkpoint import save_safetensors
 from ldm.data.builtin import SHAPE_ATTRIBUTES, ShapesDataset, parse_shapes_caption
+from ldm.io import read_safetensors, save_safetensors
 from ldm.metrics.extractors import to_uint8
 
 log = logging.getLogger(__name__)
@@ -249,10 +247,9 @@ def shapes_judge(
     key = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
     path = Path(cache_dir) / f"attributes-{key}.safetensors"
     if path.is_file():
-        with safe_open(str(path), "pt") as handle:
-            meta = handle.metadata() or {}
+        tensors, meta = read_safetensors(path)
         classifier = AttributeClassifier(**json.loads(meta["classifier"]))
-        classifier.load_state_dict(load_file(str(path)))
+        classifier.load_state_dict(tensors)
         return AttributeJudge(classifier, json.loads(meta["ceiling"]))
     start = time.perf_counter()
     classifier = train_classifier(

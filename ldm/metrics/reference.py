@@ -16,12 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from ldm.convert.checkpoint import save_safetensors
+from ldm.io import read_safetensors, save_safetensors
 from ldm.metrics.extractors import FeatureExtractor, to_uint8
 
 CONVERSION = "uint8 = round((x + 1) * 127.5) of images in [-1, 1]"
@@ -76,8 +74,8 @@ def read_reference(
 ) -> tuple[Tensor, dict]:
     """(features (N, D) in sample order, provenance) of a reference file; with ``expected``
     a provenance that differs is refused, naming every field that differs."""
-    with safe_open(str(path), "pt") as handle:
-        stored = json.loads((handle.metadata() or {}).get("provenance", "{}"))
+    tensors, metadata = read_safetensors(path)
+    stored = json.loads(metadata.get("provenance", "{}"))
     if expected is not None:
         keys = sorted(set(stored) | set(expected))
         differ = [
@@ -90,7 +88,7 @@ def read_reference(
                 f"reference statistics {path} do not match this evaluation, refusing to compare: "
                 + "; ".join(differ)
             )
-    return load_file(str(path))["features"], stored
+    return tensors["features"], stored
 
 
 def reference_features(

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from ldm.convert.checkpoint import load_into, read_weights
+from ldm.io import load_into, read_weights
 from ldm.nn.attention import FeedForward
 
 Conditioning = dict[str, Tensor]  # keys among "context", "y", "pooled" (UNet.forward kwargs)

@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import load_file
 from torch import Tensor, nn
+
+from ldm.io import WeightsFileError, read_safetensors, save_safetensors
 
 METADATA_KEY = "ldm_embeddings"
 
@@ -131,8 +131,6 @@ def save_embeddings(
     conditioner: nn.Module, path: str | Path, tokens: Sequence[str] | None = None
 ) -> Path:
     """The added tokens' vectors as safetensors keyed by token (atomic write)."""
-    from ldm.convert.checkpoint import save_safetensors
-
     vectors = token_vectors(conditioner)
     chosen = list(tokens) if tokens is not None else list(vectors)
     info = {
@@ -145,11 +143,10 @@ def save_embeddings(
 
 def load_embeddings(conditioner: nn.Module, path: str | Path) -> list[str]:
     """Add the tokens of an embeddings file (``save_embeddings``) to a conditioner."""
-    with safe_open(str(path), "pt") as handle:
-        meta = handle.metadata() or {}
+    tensors, meta = read_safetensors(path)
     if METADATA_KEY not in meta:
-        raise ValueError(f"{path} is not an embeddings file (no {METADATA_KEY!r} metadata)")
-    info, tensors = json.loads(meta[METADATA_KEY]), load_file(str(path))
+        raise WeightsFileError(f"{path} is not an embeddings file (no {METADATA_KEY!r} metadata)")
+    info = json.loads(meta[METADATA_KEY])
     add_tokens(
         conditioner, info["tokens"], vectors=torch.stack([tensors[t] for t in info["tokens"]])
     )

@@ -22,9 +22,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from torch import Tensor, nn
 from torch.nn.utils.stateless import _reparametrize_module
+
+from ldm.io import WeightsFileError, read_safetensors, save_safetensors
 
 # Name patterns (fnmatch, on a module's dotted path) of the layer presets, for our UNet and
 # text encoders: attention projections, plus the feed-forward, or every Linear.
@@ -351,8 +352,6 @@ def save_adapter(
 ) -> Path:
     """Adapter ``name`` as safetensors, its settings (rank, alpha per layer kind) in the
     metadata; written atomically."""
-    from ldm.convert.checkpoint import save_safetensors
-
     settings = _settings(model).get(name)
     info = {
         "format": "ldm-lora",
@@ -366,16 +365,13 @@ def save_adapter(
 
 def read_adapter(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """(tensors, info) of an adapter file written by ``save_adapter``."""
-    from safetensors.torch import load_file
-
-    with safe_open(str(path), "pt") as handle:
-        meta = handle.metadata() or {}
+    tensors, meta = read_safetensors(path)
     if "ldm_lora" not in meta:
-        raise ValueError(
+        raise WeightsFileError(
             f"{path} is not an ldm adapter (no 'ldm_lora' metadata); diffusers / PEFT and kohya "
             "files load through ldm.convert.lora"
         )
-    return load_file(str(path)), json.loads(meta["ldm_lora"])
+    return tensors, json.loads(meta["ldm_lora"])
 
 
 def load_adapter(

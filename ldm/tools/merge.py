@@ -24,11 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from torch import Tensor
 
-from ldm.convert.checkpoint import file_digest, read_weights, save_safetensors
 from ldm.convert.lora import read_any, split_spec
+from ldm.io import file_digest, read_metadata, read_weights, save_safetensors
 from ldm.nn.lora import layer_alpha, low_rank_delta
 from ldm.training.checkpoints import CONFIG_KEY, load_checkpoint
 
@@ -47,8 +46,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]
         if "vae_config" in state:
             carried["vae_config"] = json.dumps(state["vae_config"])
     elif path.suffix == ".safetensors":
-        with safe_open(str(path), "pt") as handle:
-            meta = handle.metadata() or {}
+        meta = read_metadata(path)
         carried = {k: meta[k] for k in (CONFIG_KEY, "vae_config") if k in meta}
     return read_weights(path), carried
 
@@ -144,8 +142,7 @@ def _adapter(spec: str, base: Mapping[str, Tensor]) -> tuple[dict, dict, float]:
     from ldm.models.unet import UNet
 
     path, weight = split_spec(spec)
-    with safe_open(path, "pt") as handle:
-        ours = "ldm_lora" in (handle.metadata() or {})
+    ours = "ldm_lora" in read_metadata(path)
     unet = None
     if not ours:  # other formats name layers by the UNet's shape: build it, on meta
         prefix = next(

@@ -8,7 +8,6 @@ import logging
 import os
 import signal
 import subprocess
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from torch import Tensor
 from torch.nn.utils import get_total_norm
 from torchvision.utils import make_grid, save_image
 
+from ldm.io import atomic_write
 from ldm.nn.lora import disable_adapters, lora_layers, save_adapter, set_adapter_weights
 
 log = logging.getLogger(__name__)
@@ -34,16 +34,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None
     ) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(handle)
-        try:
+        with atomic_write(path) as tmp:
             torch.save(checkpoint, tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
 
 
 class Checkpoint(ModelCheckpoint):

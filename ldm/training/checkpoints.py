@@ -12,11 +12,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
-from ldm.convert.checkpoint import load_into, read_weights
 from ldm.convert.diffusers_vae import vae_config_from_diffusers, vae_from_diffusers
 from ldm.convert.stable_diffusion import PREFIXES, infer_vae_config, weights_file
+from ldm.io import (
+    WeightsFileError,
+    load_into,
+    read_json,
+    read_metadata,
+    read_pickle,
+    read_weights,
+)
 from ldm.models.vae import AutoencoderKL
 
 CONFIG_KEY = "ldm_config"  # the resolved training config, as YAML, inside our checkpoints
@@ -25,23 +31,27 @@ SD_VAE_SCALE = 0.18215
 
 def resolve_resume(resume: str | None, run_dir: str | Path) -> str | None:
     """``None`` / ``"never"``: start fresh; ``"auto"``: ``<run_dir>/checkpoints/last.ckpt``
-    when it exists; anything else: that checkpoint, which must exist."""
+    when it exists; anything else: that checkpoint, which must exist. The file is read once
+    here, so a truncated or corrupt one is one clear error before training starts."""
     if resume in (None, "never", ""):
         return None
     if resume == "auto":
         last = Path(run_dir) / "checkpoints" / "last.ckpt"
-        return str(last) if last.is_file() else None
+        if not last.is_file():
+            return None
+        resume = str(last)
     if not Path(resume).is_file():
         raise FileNotFoundError(f"resume={resume}: no such checkpoint")
+    load_checkpoint(resume)
     return str(resume)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """A Lightning checkpoint of ours, loaded with ``weights_only=True``."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    state = read_pickle(path)
+    if not isinstance(state, dict):
+        raise WeightsFileError(f"{path} holds a {type(state).__name__}, not a checkpoint")
+    return state
 
 
 def read_ours(path: str | Path) -> dict[str, Any] | None:
@@ -58,8 +68,7 @@ def read_ours(path: str | Path) -> dict[str, Any] | None:
             else None
         )
     if path.suffix == ".safetensors" and path.is_file():
-        with safe_open(str(path), "pt") as handle:
-            meta = handle.metadata() or {}
+        meta = read_metadata(path)
         if CONFIG_KEY in meta:
             state: dict[str, Any] = {"state_dict": read_weights(path), CONFIG_KEY: meta[CONFIG_KEY]}
             if "vae_config" in meta:
@@ -101,9 +110,7 @@ def load_vae(
 
 
 def _diffusers_vae(folder: Path, strict: bool) -> AutoencoderKL:
-    vae = AutoencoderKL(
-        **vae_config_from_diffusers(json.loads((folder / "config.json").read_text()))
-    )
+    vae = AutoencoderKL(**vae_config_from_diffusers(read_json(folder / "config.json")))
     load_into(
         vae,
         vae_from_diffusers(read_weights(weights_file(folder))),
@@ -115,18 +122,16 @@ def _diffusers_vae(folder: Path, strict: bool) -> AutoencoderKL:
 
 def _from_tensors(path: Path, tensors: dict[str, torch.Tensor], strict: bool) -> AutoencoderKL:
     config = None
-    if path.suffix == ".safetensors":
-        with safe_open(str(path), "pt") as handle:
-            metadata = handle.metadata() or {}
-        if "vae_config" in metadata:
-            config = json.loads(metadata["vae_config"])
+    metadata = read_metadata(path)
+    if "vae_config" in metadata:
+        config = json.loads(metadata["vae_config"])
     prefix = PREFIXES["vae"]
     if any(k.startswith(prefix) for k in tensors):
         tensors = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
         if config is None:  # an original SD file: its VAE's scale is SD's
             config = infer_vae_config(tensors) | {"scale_factor": SD_VAE_SCALE}
     if "encoder.conv_in.weight" not in tensors:
-        raise ValueError(f"{path} holds no VAE (no first_stage_model.* or encoder.* weights)")
+        raise WeightsFileError(f"{path} holds no VAE (no first_stage_model.* or encoder.* weights)")
     vae = AutoencoderKL(**(config or infer_vae_config(tensors)))
     load_into(vae, tensors, strict=strict, what=f"VAE of {path}")
     return vae

@@ -18,8 +18,8 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from ldm.convert.checkpoint import load_into, read_weights
 from ldm.convert.stable_diffusion import load_diffusers_folder, split_checkpoint
+from ldm.io import load_into, read_weights
 from ldm.nn.lora import LoRASettings, adapter_parameters, inject_lora
 from ldm.training.checkpoints import CONFIG_KEY, read_ours
 from ldm.training.ema import EMA

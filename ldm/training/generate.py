@@ -20,7 +20,6 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torchvision.utils import make_grid, save_image
 
-from ldm.convert.checkpoint import load_into, read_weights
 from ldm.convert.lora import read_any, split_spec
 from ldm.convert.stable_diffusion import (
     infer_unet_config,
@@ -28,6 +27,7 @@ from ldm.convert.stable_diffusion import (
     load_diffusers_folder,
     split_checkpoint,
 )
+from ldm.io import WeightsFileError, load_into, read_weights
 from ldm.models.textual_inversion import load_embeddings
 from ldm.models.unet import UNet
 from ldm.models.vae import AutoencoderKL
@@ -78,7 +78,7 @@ def _stable_diffusion(path: Path, cfg: DictConfig) -> LatentDiffusion:
         if conditioner is not None and split.parts["text"] and hasattr(conditioner, "model"):
             conditioner.load_text_state(split.parts["text"], what=f"text encoder of {path}")
     if vae is None:
-        raise ValueError(f"{path} holds no VAE; sampling needs one")
+        raise WeightsFileError(f"{path} holds no VAE; sampling needs one")
     return LatentDiffusion(
         unet,
         conditioner,

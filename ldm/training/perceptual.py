@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ldm.convert.checkpoint import load_into
+from ldm.io import load_into, read_weights
 
 VGG16_FILE = "vgg16-397923af.pth"
 VGG16_URL = f"https://download.pytorch.org/models/{VGG16_FILE}"
@@ -45,7 +45,7 @@ class LPIPS(nn.Module):
         # pnet_rand: build the backbone without torchvision's download; filled below.
         self.net = _LPIPS(pretrained=True, net="vgg", pnet_rand=True)
         # LPIPS reads the convolutional trunk only (vgg16's "features.*").
-        state = torch.load(weights, map_location="cpu", weights_only=True)
+        state = read_weights(weights)
         features = torchvision.models.vgg16(weights=None).features
         trunk = {k[len("features.") :]: v for k, v in state.items() if k.startswith("features.")}
         load_into(features, trunk, what=f"VGG16 features from {weights}")

@@ -7,7 +7,7 @@ import torch
 from safetensors import safe_open
 
 from ldm.convert.__main__ import main
-from ldm.convert.checkpoint import read_weights, save_safetensors
+from ldm.io import read_weights, save_safetensors
 from ldm.models.unet import UNet
 from ldm.models.vae import AutoencoderKL
 

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ldm.convert.checkpoint import save_safetensors
+from ldm.io import save_safetensors
 from ldm.convert.stable_diffusion import load_original
 from ldm.diffusion.guidance import cfg
 from ldm.models.conditioners import (

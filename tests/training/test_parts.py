@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from ldm.convert.checkpoint import save_safetensors
+from ldm.io import WeightsFileError, save_safetensors
 from ldm.convert.stable_diffusion import save_diffusers_folder
 from ldm.models.unet import UNet
 from ldm.models.vae import AutoencoderKL
@@ -112,8 +112,11 @@ def test_load_vae_from_every_source(tmp_path):
 def test_resume_resolution(tmp_path):
     assert resolve_resume("auto", tmp_path) is None
     (tmp_path / "checkpoints").mkdir()
-    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"")
+    torch.save({"global_step": 3}, tmp_path / "checkpoints" / "last.ckpt")
     assert resolve_resume("auto", tmp_path) == str(tmp_path / "checkpoints" / "last.ckpt")
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"")  # an interrupted copy
+    with pytest.raises(WeightsFileError, match=r"last.ckpt is empty"):
+        resolve_resume("auto", tmp_path)
     assert resolve_resume("never", tmp_path) is None
     with pytest.raises(FileNotFoundError, match=r"resume=nope.ckpt"):
         resolve_resume("nope.ckpt", tmp_path)

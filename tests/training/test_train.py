@@ -59,7 +59,7 @@ def test_vae_stage_with_the_discriminator(tmp_path):
 
 
 def test_sample_from_a_stable_diffusion_single_file(tmp_path):
-    from ldm.convert.checkpoint import save_safetensors
+    from ldm.io import save_safetensors
     from ldm.models.unet import UNet
     from ldm.models.vae import AutoencoderKL
 
