@@ -5,7 +5,6 @@ import pickle
 import pytest
 import torch
 
-from ldm.io import load_into, read_weights, save_safetensors
 from ldm.convert.stable_diffusion import (
     infer_unet_config,
     infer_vae_config,
@@ -14,6 +13,7 @@ from ldm.convert.stable_diffusion import (
     save_diffusers_folder,
     split_checkpoint,
 )
+from ldm.io import load_into, read_weights, save_safetensors
 from ldm.models.unet import UNet
 from ldm.models.vae import AutoencoderKL
 

@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ldm.io import save_safetensors
 from ldm.convert.stable_diffusion import load_original
 from ldm.diffusion.guidance import cfg
+from ldm.io import save_safetensors
 from ldm.models.conditioners import (
     ClassEmbedder,
     OpenCLIPTextEncoder,

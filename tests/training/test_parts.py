@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from ldm.io import WeightsFileError, save_safetensors
 from ldm.convert.stable_diffusion import save_diffusers_folder
+from ldm.io import WeightsFileError, save_safetensors
 from ldm.models.unet import UNet
 from ldm.models.vae import AutoencoderKL
 from ldm.training.checkpoints import SD_VAE_SCALE, load_vae, resolve_resume

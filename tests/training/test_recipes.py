@@ -11,8 +11,8 @@ from PIL import Image
 from safetensors import safe_open
 from trainutils import CONF, TINY_ANY_DATA, compose_train
 
-from ldm.io import save_safetensors
 from ldm.diffusion.samplers import make_sampler
+from ldm.io import save_safetensors
 from ldm.nn.lora import adapter_parameters, inject_lora, save_adapter, set_adapter_weights
 from ldm.tools.merge import main as merge_main
 from ldm.tools.merge import merge, read_checkpoint
