@@ -17,11 +17,12 @@ RANKS = {
     "models": 3,
     "data": 4,
     "convert": 5,
-    "metrics": 6,
-    "studies": 6,
-    "training": 7,
-    "tools": 8,
-    "app": 8,
+    "pipeline": 6,  # checkpoints in, images out
+    "metrics": 7,
+    "studies": 7,
+    "training": 8,
+    "tools": 9,
+    "app": 9,
 }
 
 

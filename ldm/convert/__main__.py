@@ -25,7 +25,7 @@ from ldm.convert.stable_diffusion import (
 )
 from ldm.io import load_into, read_weights, save_safetensors
 from ldm.models.unet import UNet
-from ldm.models.vae import AutoencoderKL
+from ldm.models.vae import SD_VAE_SCALE, AutoencoderKL
 
 
 def _inspect(path: Path) -> None:
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     to.add_argument(
         "--vae-scale-factor",
         type=float,
-        default=0.18215,
+        default=SD_VAE_SCALE,
         help="latent scale of the VAE, which weights do not record (SD 1.x / 2.x: 0.18215, "
         "SDXL: 0.13025)",
     )

@@ -14,6 +14,8 @@ from typing import Any
 
 from torch import Tensor
 
+from ldm.models.vae import SD_VAE_SCALE
+
 # Inside blocks: ours (original) -> diffusers.
 _RESNET = {"nin_shortcut": "conv_shortcut"}
 _ATTENTION = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
@@ -175,7 +177,7 @@ def vae_config_from_diffusers(config: Mapping[str, Any]) -> dict[str, Any]:
         "latent_channels": c.get("latent_channels", 4),
         "quant_conv": c.get("use_quant_conv", True),
         "norm_groups": c.get("norm_num_groups", 32),
-        "scale_factor": c.get("scaling_factor", 0.18215),
+        "scale_factor": c.get("scaling_factor", SD_VAE_SCALE),
         "shift_factor": 0.0 if shift is None else shift,
     }
 

@@ -15,16 +15,19 @@ from torch import Tensor
 
 from ldm.diffusion.samplers import Denoiser
 
-Conditioning = Tensor | Mapping[str, Any] | None
+# What a conditioner gives the UNet: keyword arguments among "context", "y", "pooled".
+Conditioning = dict[str, Tensor]
+# What guidance takes: those keyword arguments, one positional tensor, or nothing.
+GuidanceInput = Tensor | Mapping[str, Any] | None
 
 
-def _call(model: Callable[..., Tensor], x: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
+def _call(model: Callable[..., Tensor], x: Tensor, t: Tensor, cond: GuidanceInput) -> Tensor:
     if isinstance(cond, Mapping):
         return model(x, t, **cond)
     return model(x, t, cond)
 
 
-def _cat(uncond: Conditioning, cond: Conditioning) -> Conditioning:
+def _cat(uncond: GuidanceInput, cond: GuidanceInput) -> GuidanceInput:
     """Stack unconditional over conditional inputs along the batch, field by field."""
     if isinstance(cond, Mapping):
         if not isinstance(uncond, Mapping) or set(uncond) != set(cond):
@@ -56,8 +59,8 @@ def rescale_guidance(guided: Tensor, cond_output: Tensor, rescale: float) -> Ten
 
 def cfg(
     model: Callable[..., Tensor],
-    cond: Conditioning,
-    uncond: Conditioning,
+    cond: GuidanceInput,
+    uncond: GuidanceInput,
     scale: float,
     *,
     rescale: float = 0.0,

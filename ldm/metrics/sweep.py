@@ -30,6 +30,7 @@ from ldm.metrics.attributes import RESULT_KEYS as ATTRIBUTE_KEYS
 from ldm.metrics.attributes import AttributeAccuracy, AttributeJudge
 from ldm.metrics.extractors import FeatureExtractor, to_uint8
 from ldm.metrics.scores import GenerativeMetrics
+from ldm.pipeline import Pipeline
 from ldm.seeding import stable_seed
 
 log = logging.getLogger(__name__)
@@ -123,20 +124,21 @@ class Evaluator:
                 extractor.num_features,
             )
 
-    def _inputs(self, module: Any, indices: Sequence[int]) -> tuple[Any, list[str]]:
+    def _inputs(self, pipeline: Pipeline, indices: Sequence[int]) -> tuple[Any, list[str]]:
         """The conditioning of samples ``indices`` (captions, labels, or a count) and the
         captions (for CLIP score)."""
-        if self.conditions is None or module.conditioner is None:
+        if self.conditions is None or pipeline.conditioner is None:
             return len(indices), []
         items = [self.conditions[i % len(self.conditions)] for i in indices]
         captions = [item["caption"] for item in items]
-        if module.conditioner.input_key == "label":
-            return torch.tensor([item["label"] for item in items], device=module.device), captions
+        if pipeline.conditioner.input_key == "label":
+            labels = torch.tensor([item["label"] for item in items], device=pipeline.device)
+            return labels, captions
         return captions, captions
 
-    def score(self, module: Any, point: GridPoint, repeat: int = 0) -> dict[str, Any]:
+    def score(self, pipeline: Pipeline, point: GridPoint, repeat: int = 0) -> dict[str, Any]:
         """Generate ``num_samples`` with ``point``'s settings and score them."""
-        device = module.device
+        device = pipeline.device
         self.metrics = self.metrics.to(device)
         self.metrics.reset()
         if self.attribute_metric is not None:
@@ -151,13 +153,13 @@ class Evaluator:
         batches, start = 0, time.perf_counter()
         for first in range(0, len(mine), self.batch_size):
             indices = mine[first : first + self.batch_size]
-            inputs, captions = self._inputs(module, indices)
+            inputs, captions = self._inputs(pipeline, indices)
             generators = [
                 torch.Generator(device).manual_seed(stable_seed(self.seed, repeat, i, "steps"))
                 for i in indices
             ]
             with torch.no_grad():
-                images = module.generate(
+                images = pipeline.generate(
                     inputs,
                     sampler,
                     guidance_scale=point.guidance,

@@ -29,10 +29,10 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from ldm.diffusion.guidance import Conditioning
 from ldm.io import load_into, read_weights
 from ldm.nn.attention import FeedForward
 
-Conditioning = dict[str, Tensor]  # keys among "context", "y", "pooled" (UNet.forward kwargs)
 _Batch = TypeVar("_Batch", Tensor, Sequence[str])
 
 # Top-level names of the text half of open_clip.model.CLIP: what a text tower's keys start with.

@@ -23,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ldm.nn.autoencoder_blocks import AttnBlock, Downsample, ResnetBlock, Upsample, group_norm
 
+SD_VAE_SCALE = 0.18215  # the latent scale of Stable Diffusion 1.x / 2.x's VAE
 LOGVAR_RANGE = (-30.0, 20.0)  # the original's clamp: keeps exp(logvar) finite in fp32
 
 

@@ -14,6 +14,7 @@ the training latents with exactly that caption; the empty caption on all of them
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ from torch import Tensor, nn
 
 from ldm.diffusion.analytic import EmpiricalMixture
 from ldm.models.vae import DiagonalGaussian
+from ldm.pipeline import Pipeline
 
 
 class CaptionGroups(nn.Module):
@@ -88,18 +90,16 @@ def training_mixture(vae: nn.Module, root: str | Path) -> tuple[EmpiricalMixture
     return EmpiricalMixture(points.float(), std, groups.groups_of(cache.captions)), groups
 
 
-def use_exact_denoiser(module: nn.Module, root: str | Path) -> nn.Module:
-    """Swap ``module``'s (a ``LatentDiffusion``) UNet and conditioner for the exact
-    denoiser of the latent cache at ``root`` (made with the same VAE); EMA is dropped."""
-    mixture, groups = training_mixture(module.vae, root)
-    f, (h, w) = module.vae.downsample_factor, module.image_size
-    size = module.vae.latent_channels * (h // f) * (w // f)
+def use_exact_denoiser(pipeline: Pipeline, root: str | Path) -> Pipeline:
+    """``pipeline`` with the exact denoiser of the latent cache at ``root`` (made with the
+    same VAE) in its UNet's place, and the caption groups in its conditioner's."""
+    mixture, groups = training_mixture(pipeline.vae, root)
+    f, (h, w) = pipeline.vae.downsample_factor, pipeline.image_size
+    size = pipeline.vae.latent_channels * (h // f) * (w // f)
     if mixture.points.shape[1] != size:
         raise ValueError(
             f"the latent cache {root} holds latents of {mixture.points.shape[1]} values, the "
             f"model samples {size} ({h}x{w} images): cache images of the model's size"
         )
-    module.networks["unet"] = ExactDenoiser(mixture, module.schedule, module.hparams.prediction)
-    module.networks["conditioner"] = groups
-    module.ema = None
-    return module
+    exact = ExactDenoiser(mixture, pipeline.schedule, pipeline.prediction)
+    return replace(pipeline, unet=exact, conditioner=groups)

@@ -235,7 +235,7 @@ class SampleGrid(L.Callback):
 
     def write(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path | None:
         """Sample the grid now; returns its path (on rank 0)."""
-        if not hasattr(pl_module, "generate"):
+        if not hasattr(pl_module, "pipeline"):
             return None
         return self._write(trainer, pl_module)
 
@@ -261,6 +261,7 @@ class SampleGrid(L.Callback):
         if all(isinstance(p, int) for p in self.prompts):
             inputs = torch.tensor(self.prompts, device=pl_module.device)
         networks = pl_module.sampling_networks()
+        pipeline = pl_module.pipeline(networks)
         passes = [None, "off"] if lora_layers(networks) else [None]
         columns = []
         for adapters in passes:
@@ -268,13 +269,12 @@ class SampleGrid(L.Callback):
             try:
                 for sampler in self.samplers.values():
                     for seed in self.seeds:
-                        images = pl_module.generate(
+                        images = pipeline.generate(
                             inputs,
                             sampler,
                             guidance_scale=self.guidance_scale,
                             seeds=[seed] * len(self.prompts),
                             generator=torch.Generator(pl_module.device).manual_seed(seed),
-                            networks=networks,
                         )
                         columns.append(images)
             finally:
@@ -463,7 +463,7 @@ class FIDCallback(L.Callback):
         if (
             step % self.every_n_steps
             or step == self._last_step
-            or not hasattr(pl_module, "generate")
+            or not hasattr(pl_module, "pipeline")
         ):
             return
         self._last_step = step
@@ -472,7 +472,7 @@ class FIDCallback(L.Callback):
         was_training = pl_module.training
         pl_module.eval()
         try:
-            result = self.evaluator.score(pl_module, self.point)
+            result = self.evaluator.score(pl_module.pipeline(), self.point)
         finally:
             pl_module.train(was_training)
         values = {f"val/{k}": v for k, v in result.items() if k.startswith("attr_")}

@@ -23,10 +23,9 @@ from ldm.io import (
     read_pickle,
     read_weights,
 )
-from ldm.models.vae import AutoencoderKL
+from ldm.models.vae import SD_VAE_SCALE, AutoencoderKL
 
 CONFIG_KEY = "ldm_config"  # the resolved training config, as YAML, inside our checkpoints
-SD_VAE_SCALE = 0.18215
 
 
 def resolve_resume(resume: str | None, run_dir: str | Path) -> str | None:

@@ -23,16 +23,16 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from ldm.diffusion.guidance import cfg
+from ldm.diffusion.guidance import Conditioning
 from ldm.diffusion.objective import check_prediction, diffusion_loss, q_sample
 from ldm.diffusion.schedules import Schedule
 from ldm.models.vae import DiagonalGaussian
+from ldm.pipeline import Pipeline
 from ldm.seeding import stable_seed
 from ldm.training.checkpoints import CONFIG_KEY
 from ldm.training.ema import EMA
 from ldm.training.speed import compile_network, compile_options, to_channels_last
 
-Conditioning = dict[str, Tensor]
 # The frozen VAE and the EMA copy are in eval mode on purpose.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 
@@ -273,51 +273,18 @@ class LatentDiffusion(L.LightningModule):
 
     # ----------------------------------------------------------------- sampling
 
-    @torch.no_grad()
-    def generate(
-        self,
-        inputs: Sequence[str] | Tensor | int,  # captions, labels, or a count (unconditional)
-        sampler: Callable[..., Tensor],  # a sampler with its options bound (make_sampler)
-        *,
-        guidance_scale: float = 1.0,
-        guidance_rescale: float = 0.0,
-        seeds: Sequence[int] | None = None,  # one per sample: its starting noise
-        generator: torch.Generator | Sequence[torch.Generator] | None = None,  # sampler noise
-        networks: nn.ModuleDict | None = None,  # default: the EMA weights when kept
-        decode: bool = True,  # False: the sampled latents, as the diffusion model sees them
-    ) -> Tensor:
-        """Images (B, 3, H, W) in [-1, 1] (or latents). Sample i starts from noise seeded by
-        seeds[i], so it does not depend on what else is in the batch."""
+    def pipeline(self, networks: nn.ModuleDict | None = None) -> Pipeline:
+        """The ``Pipeline`` over ``networks`` (default: the sampling weights, EMA when
+        kept), this module's VAE, schedule, prediction and image size: how it generates."""
         networks = networks or self.sampling_networks()
-        count = inputs if isinstance(inputs, int) else len(inputs)
-        seeds = list(range(count)) if seeds is None else list(seeds)
-        if len(seeds) != count:
-            raise ValueError(f"{len(seeds)} seeds for {count} samples")
-        if self.vae is not None:
-            f = self.vae.downsample_factor
-            shape = (self.vae.latent_channels, self.image_size[0] // f, self.image_size[1] // f)
-        else:
-            shape = (self.unet.in_channels, *self.image_size)
-        x_T = torch.stack(
-            [torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]
-        ).to(self.device)
-        model: Callable[[Tensor, Tensor], Tensor] = networks["unet"]
-        if self.conditioner is not None and not isinstance(inputs, int):
-            cond = self.condition({self.conditioner.input_key: inputs}, networks=networks)
-            uncond = networks["conditioner"].empty(1)
-            model = cfg(networks["unet"], cond, uncond, guidance_scale, rescale=guidance_rescale)
-        z = sampler(
-            model,
-            x_T,
+        return Pipeline(
+            networks["unet"],
+            dict(networks).get("conditioner"),
+            self.vae,
             self.schedule,
-            prediction=self.hparams.prediction,
-            generator=generator,
+            self.hparams.prediction,
+            self.image_size,
         )
-        if not decode:
-            return z
-        if self.vae is None:
-            return z.clamp(-1, 1)
-        return self.vae.decode(self.vae.unscale_latents(z)).clamp(-1, 1)
 
 
 def _randn(generators: Sequence[torch.Generator], shape: Sequence[int], like: Tensor) -> Tensor:

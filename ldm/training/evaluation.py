@@ -58,14 +58,14 @@ def evaluate(cfg: DictConfig, out_dir: str | Path) -> list[dict[str, Any]]:
     if fabric.global_rank == 0:  # what the scores are against, before any is made
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         (Path(out_dir) / "provenance.json").write_text(json.dumps(common, indent=2, default=str))
-    module = load_model(cfg).to(fabric.device)
+    pipeline = load_model(cfg).to(fabric.device)
     clip = instantiate(cfg.clip).to(fabric.device) if cfg.clip else None
     judge = attribute_judge(
         cfg.attributes,
         split,
-        module.image_size[0],
+        pipeline.image_size[0],
         cfg.cache_dir,
-        module.conditioner,
+        pipeline.conditioner,
         cfg.get("attribute_classifier"),
     )
     evaluator = Evaluator(
@@ -91,7 +91,7 @@ def evaluate(cfg: DictConfig, out_dir: str | Path) -> list[dict[str, Any]]:
         for repeat in range(cfg.repeats):
             if _run_key(asdict(point) | {"repeat": repeat}) in done:
                 continue
-            row = evaluator.score(module, point, repeat)
+            row = evaluator.score(pipeline, point, repeat)
             rows.append(row)
             if fabric.global_rank == 0:
                 what = f"{point.label}, {point.steps} steps, repeat {repeat}"

@@ -182,10 +182,10 @@ def ensure_class_images(
     if torch.cuda.is_available():  # before the Trainer places the model: use the GPU now
         module.cuda()
     module.eval()
-    sampler = make_sampler("ddim", steps=steps)
+    sampler, pipeline = make_sampler("ddim", steps=steps), module.pipeline()
     for start in range(0, len(missing), batch_size):
         chunk = missing[start : start + batch_size]
-        images = module.generate(
+        images = pipeline.generate(
             [prompt] * len(chunk),
             sampler,
             guidance_scale=guidance_scale,

@@ -30,10 +30,11 @@ from ldm.convert.stable_diffusion import (
 from ldm.io import WeightsFileError, load_into, read_weights
 from ldm.models.textual_inversion import load_embeddings
 from ldm.models.unet import UNet
-from ldm.models.vae import AutoencoderKL
+from ldm.models.vae import SD_VAE_SCALE, AutoencoderKL
 from ldm.nn.lora import load_adapter, merge_adapters
+from ldm.pipeline import Pipeline
 from ldm.seeding import stable_seed
-from ldm.training.checkpoints import CONFIG_KEY, SD_VAE_SCALE, read_ours
+from ldm.training.checkpoints import CONFIG_KEY, read_ours
 from ldm.training.diffusion import LatentDiffusion
 from ldm.training.finetune import apply_lora, apply_textual_inversion
 
@@ -91,8 +92,9 @@ def _stable_diffusion(path: Path, cfg: DictConfig) -> LatentDiffusion:
     )
 
 
-def load_model(cfg: DictConfig) -> LatentDiffusion:
-    """The diffusion model ``cfg.checkpoint`` names, on ``cfg.device``, in eval mode."""
+def load_model(cfg: DictConfig) -> Pipeline:
+    """The pipeline of the model ``cfg.checkpoint`` names (with ``cfg.adapters`` and
+    ``cfg.embeddings``), on ``cfg.device``, in eval mode."""
     path = Path(cfg.checkpoint)
     state = read_ours(path) or {}
     if state.get(CONFIG_KEY):
@@ -104,25 +106,26 @@ def load_model(cfg: DictConfig) -> LatentDiffusion:
     if cfg.image_size:
         size = cfg.image_size
         module.image_size = (size, size) if isinstance(size, int) else tuple(size)
+    pipeline = module.pipeline()
     for path in cfg.get("embeddings") or []:  # textual-inversion tokens
-        load_embeddings(module.sampling_networks()["conditioner"], path)
+        load_embeddings(pipeline.conditioner, path)
     for index, spec in enumerate(cfg.get("adapters") or []):  # LoRA files
-        load_lora(module, str(spec), f"lora{index}")
+        load_lora(pipeline, str(spec), f"lora{index}")
     if cfg.get("adapters") and cfg.get("adapters_merge"):
-        merge_adapters(module.sampling_networks())
+        merge_adapters(pipeline.networks())
     if cfg.get("exact_denoiser"):  # the network's place taken by its data's exact denoiser
         from ldm.studies.exact_latents import use_exact_denoiser
 
-        module = use_exact_denoiser(module, cfg.exact_denoiser)
+        pipeline = use_exact_denoiser(pipeline, cfg.exact_denoiser)
     device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else cfg.device
-    return module.to("cpu" if device == "auto" else device).eval()
+    return pipeline.to("cpu" if device == "auto" else device).eval()
 
 
-def load_lora(module: LatentDiffusion, spec: str, name: str) -> list[str]:
+def load_lora(pipeline: Pipeline, spec: str, name: str) -> list[str]:
     """Load ``path[:weight]`` (ours, diffusers / PEFT or kohya format) as adapter ``name``
-    into the sampling weights."""
+    into the pipeline's networks."""
     path, weight = split_spec(spec)
-    networks = module.sampling_networks()
+    networks = pipeline.networks()
     tensors, settings = read_any(path, networks["unet"])
     return load_adapter(networks, tensors, name, settings, weight=weight)
 
@@ -146,30 +149,30 @@ def sample(cfg: DictConfig, out_dir: str | Path) -> list[Path]:
     ``settings.json`` into ``out_dir``; returns the PNG paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    module = load_model(cfg)
+    pipeline = load_model(cfg)
     sampler = instantiate(cfg.sampler)
     prompts = read_prompts(cfg)
     jobs = [(p, cfg.seed + k) for p in prompts for k in range(cfg.num_per_prompt)]
     labels = (
         all(re.fullmatch(r"\d+", p) for p in prompts)
-        and getattr(module.conditioner, "input_key", None) == "label"
+        and getattr(pipeline.conditioner, "input_key", None) == "label"
     )
     start, images = time.perf_counter(), []
     for first in range(0, len(jobs), cfg.batch_size):
         chunk = jobs[first : first + cfg.batch_size]
         texts = [p for p, _ in chunk]
         inputs: Any = (
-            torch.tensor([int(p) for p in texts], device=module.device) if labels else texts
+            torch.tensor([int(p) for p in texts], device=pipeline.device) if labels else texts
         )
         images.append(
-            module.generate(
+            pipeline.generate(
                 inputs,
                 sampler,
                 guidance_scale=cfg.guidance_scale,
                 guidance_rescale=cfg.guidance_rescale,
                 seeds=[s for _, s in chunk],
                 generator=[  # step noise per image too: no image depends on its batch
-                    torch.Generator(module.device).manual_seed(stable_seed(s, "sampler noise"))
+                    torch.Generator(pipeline.device).manual_seed(stable_seed(s, "sampler noise"))
                     for _, s in chunk
                 ],
             ).cpu()

@@ -1,6 +1,8 @@
 """The exact denoiser of a data set (EmpiricalMixture) and a latent diffusion model sampling
 with it in its network's place (ldm.studies.exact_latents)."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from torch.utils.data import Subset
@@ -86,13 +88,13 @@ def model_and_cache(tmp_path_factory):
         image_size=32,
     )
     captions = [data[i]["caption"] for i in range(len(data))]
-    return use_exact_denoiser(module, root), captions
+    return use_exact_denoiser(module.pipeline(), root), captions
 
 
 def test_the_exact_model_samples_its_training_latents_for_their_captions(model_and_cache):
     module, captions = model_and_cache
-    assert module.ema is None and module.conditioner.input_key == "caption"
-    mixture = module.networks["unet"].mixture
+    assert module.conditioner.input_key == "caption"
+    mixture = module.unet.mixture
     asked = captions[:6]
     with torch.no_grad():
         z = module.generate(asked, make_sampler("ddim", steps=50), guidance_scale=3.0,
@@ -117,14 +119,8 @@ def test_captions_without_training_latents_are_refused(model_and_cache):
 
 def test_a_cache_of_another_size_is_refused(model_and_cache):
     module, _ = model_and_cache
-    unet = module.networks["unet"]
-    module.image_size = (16, 16)
-    try:
-        with pytest.raises(ValueError, match="cache images of the model's size"):
-            use_exact_denoiser(module, CACHE[0])
-    finally:
-        module.image_size = (32, 32)
-    assert unet is module.networks["unet"]  # nothing swapped on refusal
+    with pytest.raises(ValueError, match="cache images of the model's size"):
+        use_exact_denoiser(replace(module, image_size=(16, 16)), CACHE[0])
 
 
 def test_a_cache_of_another_vae_is_refused(model_and_cache, tmp_path):

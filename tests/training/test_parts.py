@@ -11,8 +11,8 @@ from torch import nn
 from ldm.convert.stable_diffusion import save_diffusers_folder
 from ldm.io import WeightsFileError, save_safetensors
 from ldm.models.unet import UNet
-from ldm.models.vae import AutoencoderKL
-from ldm.training.checkpoints import SD_VAE_SCALE, load_vae, resolve_resume
+from ldm.models.vae import SD_VAE_SCALE, AutoencoderKL
+from ldm.training.checkpoints import load_vae, resolve_resume
 from ldm.training.ema import EMA
 from ldm.training.loggers import wandb_logged_in
 from ldm.training.perceptual import LPIPS, VGG16_FILE

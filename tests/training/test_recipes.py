@@ -214,7 +214,7 @@ def test_merging(tmp_path, base):
 
     # Baking an adapter in gives what running with the adapter gives.
     module = load_model(_sample_cfg(a))
-    networks = module.sampling_networks()
+    networks = module.networks()
     inject_lora(networks["unet"], "style", targets="attn", rank=4, alpha=8)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -233,7 +233,7 @@ def test_merging(tmp_path, base):
     x, t, context = torch.randn(2, 4, 4, 4), torch.tensor([5.0, 500.0]), torch.randn(2, 16, 32)
     with torch.no_grad():
         want = networks["unet"](x, t, context)
-        got = plain.sampling_networks()["unet"](x, t, context)
+        got = plain.unet(x, t, context)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
     # Different architectures are refused, naming what differs.
@@ -273,7 +273,10 @@ def test_dreambooth_lora_trains_only_the_adapter(tmp_path, base):
 
 
 def test_class_images_top_up_the_users_own(tmp_path):
-    class Fake(torch.nn.Module):  # generate() as LatentDiffusion's, seeded images
+    class Fake(torch.nn.Module):  # a pipeline() whose generate() makes seeded images
+        def pipeline(self):
+            return self
+
         def generate(self, prompts, sampler, guidance_scale, seeds):
             return torch.stack([torch.full((3, 8, 8), s / 10 - 0.5) for s in seeds])
 

@@ -1,0 +1,118 @@
+"""The one way to make images: a ``Pipeline`` holds what generation needs (denoiser,
+conditioner, VAE, schedule, prediction type, image size) and ``generate`` turns captions,
+labels or a count into images, each from its own seed.
+
+It is a plain object, not a LightningModule: sample.py, evaluate.py, the sample-grid and
+FID callbacks, DreamBooth's class images and the server all call it; the training module
+hands out one over its sampling weights (``LatentDiffusion.pipeline``).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ldm.diffusion.guidance import Conditioning, cfg
+from ldm.diffusion.samplers import Callback
+from ldm.diffusion.schedules import Schedule
+
+Inputs = Sequence[str] | Tensor | int  # captions, class labels, or a count (unconditional)
+
+
+@dataclass
+class Pipeline:
+    """Noise to images. ``unet(x_t, t, **conditioning)`` predicts ``prediction`` (eps, x0
+    or v) under ``schedule``; ``conditioner`` (None: unconditional) turns inputs into that
+    conditioning; ``vae`` (None: pixel-space diffusion) decodes its scaled latents."""
+
+    unet: nn.Module
+    conditioner: nn.Module | None
+    vae: nn.Module | None
+    schedule: Schedule
+    prediction: str = "eps"
+    image_size: tuple[int, int] = (32, 32)
+
+    @property
+    def device(self) -> torch.device:
+        """Where its weights are (an exact denoiser has none: then the VAE's)."""
+        for module in self.modules():
+            for tensor in itertools.chain(module.parameters(), module.buffers()):
+                return tensor.device
+        return torch.device("cpu")
+
+    def networks(self) -> nn.ModuleDict:
+        """The denoiser and the conditioner, by name: where adapters and embeddings go."""
+        parts = {"unet": self.unet, "conditioner": self.conditioner}
+        return nn.ModuleDict({k: m for k, m in parts.items() if m is not None})
+
+    def modules(self) -> list[nn.Module]:
+        """Every network it holds (the VAE too)."""
+        return [*self.networks().values(), *([self.vae] if self.vae is not None else [])]
+
+    def to(self, device: torch.device | str) -> Pipeline:
+        """Moves its networks (in place) and returns itself."""
+        for module in self.modules():
+            module.to(device)
+        return self
+
+    def eval(self) -> Pipeline:
+        for module in self.modules():
+            module.eval()
+        return self
+
+    def latent_shape(self) -> tuple[int, ...]:
+        """(C, h, w) of what the sampler integrates: latents, or pixels without a VAE."""
+        height, width = self.image_size
+        if self.vae is None:
+            return (self.unet.in_channels, height, width)
+        f = self.vae.downsample_factor
+        return (self.vae.latent_channels, height // f, width // f)
+
+    def condition(self, inputs: Sequence[str] | Tensor) -> Conditioning:
+        """The UNet's conditioning of captions or labels."""
+        if self.conditioner is None:
+            raise ValueError("this pipeline is unconditional: give a count, not captions")
+        return self.conditioner(inputs)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        inputs: Inputs,
+        sampler: Callable[..., Tensor],  # a sampler with its options bound (make_sampler)
+        *,
+        guidance_scale: float = 1.0,
+        guidance_rescale: float = 0.0,
+        seeds: Sequence[int] | None = None,  # one per sample: its starting noise
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,  # sampler noise
+        decode: bool = True,  # False: the sampled latents, as the diffusion model sees them
+        callback: Callback | None = None,  # called by the sampler after every step
+    ) -> Tensor:
+        """Images (B, 3, H, W) in [-1, 1] (or latents). Sample i starts from noise seeded by
+        ``seeds[i]`` (default i), so it does not depend on what else is in the batch; give
+        one ``generator`` per sample for stochastic samplers' step noise too."""
+        count = inputs if isinstance(inputs, int) else len(inputs)
+        seeds = list(range(count)) if seeds is None else list(seeds)
+        if len(seeds) != count:
+            raise ValueError(f"{len(seeds)} seeds for {count} samples")
+        shape = self.latent_shape()
+        x_T = torch.stack(
+            [torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]
+        ).to(self.device)
+        model: Callable[[Tensor, Tensor], Tensor] = self.unet
+        if self.conditioner is not None and not isinstance(inputs, int):
+            cond = self.condition(inputs)
+            uncond = self.conditioner.empty(1)
+            model = cfg(self.unet, cond, uncond, guidance_scale, rescale=guidance_rescale)
+        options = {"callback": callback} if callback is not None else {}
+        z = sampler(
+            model, x_T, self.schedule, prediction=self.prediction, generator=generator, **options
+        )
+        if not decode:
+            return z
+        if self.vae is None:
+            return z.clamp(-1, 1)
+        return self.vae.decode(self.vae.unscale_latents(z)).clamp(-1, 1)
