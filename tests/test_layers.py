@@ -1,6 +1,6 @@
 """The package's layers: a module imports only from its own layer or below
-(docs/development.md, "Layers"). Imports under ``if __name__ == "__main__":`` are the
-command line's, not the module's, and are not counted."""
+(docs/development.md, "Layers"). Imports under ``if __name__ == "__main__":`` and in
+``__main__.py`` files are command lines' (ldm.app's layer), and are not counted."""
 
 import ast
 from pathlib import Path
@@ -60,6 +60,8 @@ class _Imports(ast.NodeVisitor):
 def _graph() -> list[tuple[str, int, str]]:
     edges = []
     for path in sorted((ROOT / "ldm").rglob("*.py")):
+        if path.name == "__main__.py":  # ``python -m ldm.x``: a command line, like ldm.app
+            continue
         module = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
         visitor = _Imports()
         visitor.visit(ast.parse(path.read_text(encoding="utf-8")))

@@ -18,20 +18,14 @@ from typing import Any
 from torch import Tensor, nn
 
 from ldm.convert.diffusers_unet import (
-    unet_config_from_diffusers,
     unet_config_to_diffusers,
-    unet_from_diffusers,
     unet_to_diffusers,
 )
 from ldm.convert.diffusers_vae import (
-    vae_config_from_diffusers,
     vae_config_to_diffusers,
-    vae_from_diffusers,
     vae_to_diffusers,
 )
-from ldm.io import load_into, read_weights, save_safetensors
-from ldm.models.unet import UNet
-from ldm.models.vae import AutoencoderKL
+from ldm.io import save_safetensors
 
 PREFIXES = {
     "unet": "model.diffusion_model.",
@@ -63,7 +57,7 @@ def split_checkpoint(state_dict: Mapping[str, Tensor]) -> SplitCheckpoint:
     if not parts["unet"]:
         raise ValueError(
             "no key starts with 'model.diffusion_model.': this is not an original Stable "
-            "Diffusion checkpoint (a diffusers folder loads with load_diffusers_folder)"
+            "Diffusion checkpoint (ldm.pipeline.open_checkpoint reads diffusers folders)"
         )
     return SplitCheckpoint(parts, sorted(other))
 
@@ -125,53 +119,6 @@ def infer_unet_config(unet_state: Mapping[str, Tensor]) -> dict[str, Any]:
         "norm_groups": 32,
         "positional_embedding": False,  # weights cannot tell; SD and diffusers have none
     }
-
-
-def load_original(
-    path: str | Path,
-    *,
-    unet: nn.Module | None = None,
-    vae: nn.Module | None = None,
-    text_encoder: nn.Module | None = None,
-    strict: bool = True,
-) -> SplitCheckpoint:
-    """Load an original single-file checkpoint (``.safetensors`` or ``.ckpt``) into modules.
-
-    Each module given gets its part; with ``strict`` a missing or unexpected key raises,
-    naming them. Returns the split checkpoint (its ``other`` keys are not loaded).
-    """
-    split = split_checkpoint(read_weights(path))
-    for name, module in (("unet", unet), ("vae", vae), ("text", text_encoder)):
-        if module is None:
-            continue
-        if name == "text" and hasattr(module, "load_text_state"):  # SD 1.x or 2.x layout
-            module.load_text_state(split.parts[name], what=f"text encoder of {path}")
-        else:
-            load_into(module, split.parts[name], strict=strict, what=f"{name} of {path}")
-    return split
-
-
-def load_diffusers_folder(path: str | Path, *, strict: bool = True) -> dict[str, nn.Module]:
-    """Our ``UNet`` (and ``AutoencoderKL`` when ``vae/`` exists) from a diffusers folder."""
-    root = Path(path)
-    models: dict[str, nn.Module] = {}
-    unet_dir = root / "unet"
-    if not (unet_dir / "config.json").is_file():
-        raise FileNotFoundError(f"no unet/config.json under {root}: not a diffusers folder")
-    config = unet_config_from_diffusers(json.loads((unet_dir / "config.json").read_text()))
-    unet = UNet(**config)
-    weights = unet_from_diffusers(read_weights(weights_file(unet_dir)), config)
-    load_into(unet, weights, strict=strict, what=str(unet_dir))
-    models["unet"] = unet
-    vae_dir = root / "vae"
-    if (vae_dir / "config.json").is_file():
-        vae = AutoencoderKL(
-            **vae_config_from_diffusers(json.loads((vae_dir / "config.json").read_text()))
-        )
-        weights = vae_from_diffusers(read_weights(weights_file(vae_dir)))
-        load_into(vae, weights, strict=strict, what=str(vae_dir))
-        models["vae"] = vae
-    return models
 
 
 def weights_file(folder: Path) -> Path:

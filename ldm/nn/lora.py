@@ -16,7 +16,7 @@ import fnmatch
 import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -243,6 +243,28 @@ def _settings(model: nn.Module) -> dict[str, LoRASettings]:
 def lora_layers(model: nn.Module) -> dict[str, _LoRALayer]:
     """Every LoRA layer of ``model`` by its dotted path."""
     return {name: m for name, m in model.named_modules() if isinstance(m, _LoRALayer)}
+
+
+def inject_from_config(networks: nn.ModuleDict, cfg: Mapping[str, Any]) -> dict[str, list[str]]:
+    """Inject the adapter a ``lora`` config entry describes (conf/lora/: name, rank, alpha,
+    dropout, targets, conv_rank, conv_alpha; ``text_encoder`` adds one to
+    ``networks["conditioner"]`` at ``text_targets``) into ``networks["unet"]``; returns the
+    adapted layers per network. Settings it does not give keep LoRASettings' defaults."""
+    name = cfg.get("name") or "default"
+    given = {k: cfg[k] for k in LoRASettings.__dataclass_fields__ if cfg.get(k) is not None}
+    if isinstance(given.get("targets"), Sequence) and not isinstance(given["targets"], str):
+        given["targets"] = tuple(str(t) for t in given["targets"])  # not a Hydra ListConfig
+    given.setdefault("alpha", given.get("rank", LoRASettings.rank))  # alpha null: = rank
+    settings = LoRASettings(**given)
+    layers = {"unet": inject_lora(networks["unet"], name, settings)}
+    if cfg.get("text_encoder"):
+        if "conditioner" not in networks:
+            raise ValueError("lora.text_encoder=true, but the model has no conditioner")
+        targets = cfg.get("text_targets") or LoRASettings.targets
+        text = replace(settings, targets=targets, conv_rank=None)
+        layers["conditioner"] = inject_lora(networks["conditioner"], name, text)
+    networks.lora_settings = {name: settings}
+    return layers
 
 
 def inject_lora(

@@ -27,9 +27,9 @@ import torch
 from torch import Tensor
 
 from ldm.convert.lora import read_any, split_spec
-from ldm.io import file_digest, read_metadata, read_weights, save_safetensors
+from ldm.io import WeightsFileError, file_digest, read_metadata, save_safetensors
 from ldm.nn.lora import layer_alpha, low_rank_delta
-from ldm.training.checkpoints import CONFIG_KEY, load_checkpoint
+from ldm.pipeline import CONFIG_KEY, open_checkpoint
 
 METHODS = ("weighted", "add_difference", "bake")
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -37,18 +37,11 @@ CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     """(tensors, carried metadata: training config / VAE config) of a checkpoint."""
-    path = Path(path)
-    carried: dict[str, str] = {}
-    if path.suffix == ".ckpt":
-        state = load_checkpoint(path)
-        if state.get(CONFIG_KEY):
-            carried[CONFIG_KEY] = state[CONFIG_KEY]
-        if "vae_config" in state:
-            carried["vae_config"] = json.dumps(state["vae_config"])
-    elif path.suffix == ".safetensors":
-        meta = read_metadata(path)
-        carried = {k: meta[k] for k in (CONFIG_KEY, "vae_config") if k in meta}
-    return read_weights(path), carried
+    checkpoint = open_checkpoint(path)
+    if checkpoint.format == "diffusers":
+        raise WeightsFileError(f"{path} is a diffusers folder: merge single files")
+    carried = {k: v for k, v in checkpoint.metadata.items() if k in (CONFIG_KEY, "vae_config")}
+    return checkpoint.tensors, carried
 
 
 def _check_compatible(states: Sequence[Mapping[str, Tensor]], names: Sequence[str]) -> None:

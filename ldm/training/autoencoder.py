@@ -23,9 +23,9 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torchvision.utils import make_grid, save_image
 
+from ldm.pipeline.checkpoint import CONFIG_KEY
 from ldm.seeding import stable_seed
 from ldm.training.callbacks import log_image
-from ldm.training.checkpoints import CONFIG_KEY
 from ldm.training.speed import compile_network, compile_options, to_channels_last
 
 RECONSTRUCTION_LOSSES = ("l1", "l2")

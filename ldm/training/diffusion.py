@@ -28,8 +28,8 @@ from ldm.diffusion.objective import check_prediction, diffusion_loss, q_sample
 from ldm.diffusion.schedules import Schedule
 from ldm.models.vae import DiagonalGaussian
 from ldm.pipeline import Pipeline
+from ldm.pipeline.checkpoint import CONFIG_KEY
 from ldm.seeding import stable_seed
-from ldm.training.checkpoints import CONFIG_KEY
 from ldm.training.ema import EMA
 from ldm.training.speed import compile_network, compile_options, to_channels_last
 

@@ -18,10 +18,9 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from ldm.convert.stable_diffusion import load_diffusers_folder, split_checkpoint
-from ldm.io import load_into, read_weights
-from ldm.nn.lora import LoRASettings, adapter_parameters, inject_lora
-from ldm.training.checkpoints import CONFIG_KEY, read_ours
+from ldm.io import load_into
+from ldm.nn.lora import adapter_parameters, inject_from_config
+from ldm.pipeline import open_checkpoint
 from ldm.training.ema import EMA
 
 log = logging.getLogger(__name__)
@@ -55,37 +54,22 @@ def load_base(
 
 def _load_base(module: nn.Module, path: Path, diffusion: Mapping[str, Any] | None) -> list[str]:
     networks: nn.ModuleDict = module.networks
-    loaded = []
-    if path.is_dir():
-        load_into(
-            networks["unet"], load_diffusers_folder(path)["unet"].state_dict(), what=str(path)
-        )
-        return ["unet"]
-    state = read_ours(path) or {}
-    if diffusion is not None and state.get(CONFIG_KEY):
-        _check_diffusion(OmegaConf.create(state[CONFIG_KEY]).diffusion, diffusion, path)
-    if any(k.startswith("networks.") for k in state.get("state_dict", {})):
-        weights = state["state_dict"]
+    checkpoint = open_checkpoint(path)
+    if diffusion is not None and checkpoint.config:
+        _check_diffusion(checkpoint.config["diffusion"], diffusion, path)
+    if checkpoint.format == "ours":  # every network it has, EMA weights when kept
+        loaded = []
         for name, network in networks.items():
-            source = (
-                "ema.average."
-                if any(k.startswith(f"ema.average.{name}.") for k in weights)
-                else "networks."
-            )
-            prefix = f"{source}{name}."
-            part = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
+            part = checkpoint.weights(name, ema=True)
             if part:
-                load_into(network, part, what=f"{name} of {path} ({source.rstrip('.')})")
+                load_into(network, part, what=f"{name} of {path}")
                 loaded.append(name)
         return loaded
-    split = split_checkpoint(read_weights(path))
-    load_into(networks["unet"], split.parts["unet"], what=f"UNet of {path}")
-    loaded.append("unet")
-    conditioner = module.conditioner
-    if conditioner is not None and split.parts["text"] and hasattr(conditioner, "model"):
-        conditioner.load_text_state(split.parts["text"], what=f"text encoder of {path}")
-        loaded.append("conditioner")
-    return loaded
+    load_into(networks["unet"], checkpoint.weights("unet"), what=f"UNet of {path}")
+    text = hasattr(module.conditioner, "load_text_state") and checkpoint.weights("conditioner")
+    if text:  # the file's text tower into the run's (SD 2.x: open_clip; SD 1.x: CLIP)
+        checkpoint.conditioner(given=module.conditioner)
+    return ["unet", "conditioner"] if text else ["unet"]
 
 
 def _check_diffusion(base: Any, run: Any, path: Path) -> None:
@@ -99,35 +83,14 @@ def _check_diffusion(base: Any, run: Any, path: Path) -> None:
             )
 
 
-def _targets(targets: Any) -> str | tuple[str, ...]:
-    """A preset name, or patterns as a tuple (a Hydra list would be saved as its repr)."""
-    return targets if isinstance(targets, str) else tuple(str(t) for t in targets)
-
-
 def apply_lora(module: nn.Module, cfg: Mapping[str, Any]) -> dict[str, Any]:
     """Freeze ``module.networks`` and inject adapter ``cfg["name"]`` (rank, alpha, dropout,
     targets, conv_rank; ``text_encoder`` adds one to the conditioner with
     ``text_targets``). Returns what it did: layers, trainable and total parameters."""
     networks: nn.ModuleDict = module.networks
     networks.requires_grad_(False)
-    name = cfg.get("name", "default")
-    settings = LoRASettings(
-        rank=cfg["rank"],
-        alpha=cfg.get("alpha") or cfg["rank"],
-        dropout=cfg.get("dropout", 0.0),
-        targets=_targets(cfg.get("targets", "attn")),
-        conv_rank=cfg.get("conv_rank"),
-        conv_alpha=cfg.get("conv_alpha"),
-    )
-    layers = {"unet": inject_lora(networks["unet"], name, settings)}
-    if cfg.get("text_encoder"):
-        if "conditioner" not in networks:
-            raise ValueError("lora.text_encoder=true, but the model has no conditioner")
-        text = LoRASettings(
-            **{**settings.__dict__, "targets": cfg.get("text_targets", "attn"), "conv_rank": None}
-        )
-        layers["conditioner"] = inject_lora(networks["conditioner"], name, text)
-    networks.lora_settings = {name: settings}
+    name = cfg.get("name") or "default"
+    layers = inject_from_config(networks, cfg)
     restart_ema(module)  # the average must hold the adapters too
     trainable = sum(p.numel() for p in adapter_parameters(networks, name))
     total = sum(p.numel() for p in networks.parameters())

@@ -1,15 +1,16 @@
 """The body of ``sample.py``: a model from a checkpoint, prompts in, PNGs and a grid out.
 
-Checkpoints: ours (``.ckpt`` from ``train.py``, which carries its training config, the
-VAE and the EMA weights), an original Stable Diffusion single file (``.safetensors`` /
-``.ckpt``: UNet and VAE shapes are read from the weights; the text tower comes from
-``model/conditioner`` and, for SD 2.x, its weights from the same file), or a diffusers
-folder (``unet/`` and ``vae/``; the text tower from ``model/conditioner``).
+Checkpoints are read through ``open_checkpoint``: ours (``.ckpt`` from ``train.py``,
+which carries its training config, the VAE and the EMA weights), an original Stable
+Diffusion single file (UNet, VAE and text-tower shapes read from the weights; the text
+tower's preset from its keys unless ``model/conditioner`` says), or a diffusers folder
+(``unet/`` and ``vae/``; the text tower from ``model/conditioner``).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 from pathlib import Path
@@ -21,92 +22,28 @@ from omegaconf import DictConfig, OmegaConf
 from torchvision.utils import make_grid, save_image
 
 from ldm.convert.lora import read_any, split_spec
-from ldm.convert.stable_diffusion import (
-    infer_unet_config,
-    infer_vae_config,
-    load_diffusers_folder,
-    split_checkpoint,
-)
-from ldm.io import WeightsFileError, load_into, read_weights
+from ldm.io import WeightsFileError
 from ldm.models.textual_inversion import load_embeddings
-from ldm.models.unet import UNet
-from ldm.models.vae import SD_VAE_SCALE, AutoencoderKL
 from ldm.nn.lora import load_adapter, merge_adapters
-from ldm.pipeline import Pipeline
+from ldm.pipeline import Checkpoint, Pipeline, open_checkpoint
 from ldm.seeding import stable_seed
-from ldm.training.checkpoints import CONFIG_KEY, read_ours
-from ldm.training.diffusion import LatentDiffusion
-from ldm.training.finetune import apply_lora, apply_textual_inversion
 
-
-def _ours(path: Path, state: dict[str, Any], use_ema: bool) -> LatentDiffusion:
-    saved = OmegaConf.create(state[CONFIG_KEY])
-    if saved.task_name != "ldm":
-        raise ValueError(
-            f"{path} is a {saved.task_name} checkpoint; sampling needs a diffusion one"
-        )
-    vae = AutoencoderKL(**state["vae_config"]) if "vae_config" in state else None
-    module = instantiate(saved.task, vae=vae, optimizer=None, lr_scheduler=None)
-    # Rebuild what fine-tuning added (adapters, tokens, the EMA of the trained parts) so
-    # that the state dict fits; the values then come from it.
-    if saved.get("lora"):
-        apply_lora(module, saved.lora)
-    if saved.get("textual_inversion"):
-        apply_textual_inversion(module, saved.textual_inversion)
-    load_into(module, state["state_dict"], what=str(path))
-    if vae is not None:
-        vae.scale_factor = state["vae_config"]["scale_factor"]
-    if not use_ema and module.ema is not None:
-        module.ema = None  # sample with the raw weights
-    return module
-
-
-def _stable_diffusion(path: Path, cfg: DictConfig) -> LatentDiffusion:
-    conditioner = instantiate(cfg.model.conditioner) if cfg.model.get("conditioner") else None
-    if path.is_dir():
-        models = load_diffusers_folder(path)
-        unet, vae = models["unet"], models.get("vae")
-    else:
-        split = split_checkpoint(read_weights(path))
-        unet = UNet(**infer_unet_config(split.parts["unet"]))
-        load_into(unet, split.parts["unet"], what=f"UNet of {path}")
-        vae = None
-        if split.parts["vae"]:
-            vae = AutoencoderKL(
-                **infer_vae_config(split.parts["vae"]) | {"scale_factor": SD_VAE_SCALE}
-            )
-            load_into(vae, split.parts["vae"], what=f"VAE of {path}")
-        if conditioner is not None and split.parts["text"] and hasattr(conditioner, "model"):
-            conditioner.load_text_state(split.parts["text"], what=f"text encoder of {path}")
-    if vae is None:
-        raise WeightsFileError(f"{path} holds no VAE; sampling needs one")
-    return LatentDiffusion(
-        unet,
-        conditioner,
-        vae,
-        schedule=instantiate(cfg.diffusion.schedule),
-        prediction=cfg.diffusion.prediction,
-        optimizer=None,
-        ema_decay=None,
-        image_size=cfg.image_size or 512,
-    )
+log = logging.getLogger(__name__)
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
 def load_model(cfg: DictConfig) -> Pipeline:
     """The pipeline of the model ``cfg.checkpoint`` names (with ``cfg.adapters`` and
     ``cfg.embeddings``), on ``cfg.device``, in eval mode."""
-    path = Path(cfg.checkpoint)
-    state = read_ours(path) or {}
-    if state.get(CONFIG_KEY):
-        module = _ours(path, state, cfg.ema)
-    elif path.exists():
-        module = _stable_diffusion(path, cfg)
-    else:
-        raise FileNotFoundError(f"checkpoint={path}: no such file or folder")
-    if cfg.image_size:
-        size = cfg.image_size
-        module.image_size = (size, size) if isinstance(size, int) else tuple(size)
-    pipeline = module.pipeline()
+    checkpoint = open_checkpoint(cfg.checkpoint)
+    given = {}
+    if checkpoint.format != "ours":
+        given = dict(
+            conditioner=_text_encoder(cfg, checkpoint),
+            schedule=instantiate(cfg.diffusion.schedule),
+            prediction=cfg.diffusion.prediction,
+        )
+    pipeline = Pipeline.from_checkpoint(checkpoint, ema=cfg.ema, image_size=cfg.image_size, **given)
     for path in cfg.get("embeddings") or []:  # textual-inversion tokens
         load_embeddings(pipeline.conditioner, path)
     for index, spec in enumerate(cfg.get("adapters") or []):  # LoRA files
@@ -119,6 +56,21 @@ def load_model(cfg: DictConfig) -> Pipeline:
         pipeline = use_exact_denoiser(pipeline, cfg.exact_denoiser)
     device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else cfg.device
     return pipeline.to("cpu" if device == "auto" else device).eval()
+
+
+def _text_encoder(cfg: DictConfig, checkpoint: Checkpoint) -> torch.nn.Module:
+    """``model/conditioner`` when given, else the preset the file's text tower implies."""
+    spec = OmegaConf.select(cfg, "model.conditioner")
+    if spec is None:
+        preset = checkpoint.text_encoder
+        if preset is None:
+            raise WeightsFileError(
+                f"{checkpoint.path} holds no text encoder this framework recognises: choose "
+                "one with model/conditioner=openclip_vit_l (SD 1.x) or openclip_vit_h (SD 2.x)"
+            )
+        spec = OmegaConf.load(CONF_DIR / "model" / "conditioner" / f"{preset}.yaml")
+        log.info("text encoder: model/conditioner=%s (from %s's keys)", preset, checkpoint.path)
+    return instantiate(spec)
 
 
 def load_lora(pipeline: Pipeline, spec: str, name: str) -> list[str]:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from ldm.convert.__main__ import main
+from ldm.app.convert import main
 from ldm.io import read_weights, save_safetensors
 from ldm.models.unet import UNet
 from ldm.models.vae import AutoencoderKL

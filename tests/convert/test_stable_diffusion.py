@@ -8,14 +8,13 @@ import torch
 from ldm.convert.stable_diffusion import (
     infer_unet_config,
     infer_vae_config,
-    load_diffusers_folder,
-    load_original,
     save_diffusers_folder,
     split_checkpoint,
 )
 from ldm.io import load_into, read_weights, save_safetensors
 from ldm.models.unet import UNet
 from ldm.models.vae import AutoencoderKL
+from ldm.pipeline import open_checkpoint
 
 TINY_SD1 = dict(  # SD 1.x conventions: conv projection, 8 heads
     model_channels=64,
@@ -67,8 +66,11 @@ def _original_file(tmp_path, unet, kind, vae=None):
 def test_original_single_file_loads(tmp_path, config, kind):
     source, source_vae = UNet(**config), AutoencoderKL(**TINY_VAE)
     path = _original_file(tmp_path, source, kind, source_vae)
-    target, target_vae = UNet(**config), AutoencoderKL(**TINY_VAE)
-    split = load_original(path, unet=target, vae=target_vae)
+    checkpoint = open_checkpoint(path)
+    assert checkpoint.format == "stable-diffusion"
+    target, target_vae = checkpoint.unet(), AutoencoderKL(**TINY_VAE)  # (its groups: 8)
+    load_into(target_vae, checkpoint.weights("vae"))
+    split = split_checkpoint(checkpoint.tensors)
     assert split.other == ["alphas_cumprod"]
     for model, loaded in ((source, target), (source_vae, target_vae)):
         for key, value in model.state_dict().items():
@@ -141,7 +143,7 @@ def test_diffusers_folder_round_trip(tmp_path):
             their_vae.encode(image).latent_dist.mean, vae.encode(image).mean, rtol=0, atol=1e-5
         )
     assert their_vae.config.scaling_factor == 0.3
-    loaded = load_diffusers_folder(tmp_path / "pipe")
-    for model, back in ((ours, loaded["unet"]), (vae, loaded["vae"])):
+    loaded = open_checkpoint(tmp_path / "pipe")
+    for model, back in ((ours, loaded.unet()), (vae, loaded.vae())):
         assert back.config == model.config
         assert all(torch.equal(back.state_dict()[k], v) for k, v in model.state_dict().items())

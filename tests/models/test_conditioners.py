@@ -9,7 +9,6 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ldm.convert.stable_diffusion import load_original
 from ldm.diffusion.guidance import cfg
 from ldm.io import save_safetensors
 from ldm.models.conditioners import (
@@ -20,6 +19,7 @@ from ldm.models.conditioners import (
     find_openclip_weights,
 )
 from ldm.models.unet import UNet
+from ldm.pipeline import open_checkpoint
 
 # A small open_clip text tower (ViT-H-14's has width 1024, 24 layers, embed_dim 1024).
 SMALL = {
@@ -217,7 +217,7 @@ def test_sd2_checkpoint_layout(tmp_path, encoder):
     sd2["model.diffusion_model.out.2.weight"] = torch.zeros(4, 320, 3, 3)
     path = save_safetensors(tmp_path / "sd2.safetensors", sd2)
     fresh = small_clip(pooled=True)
-    load_original(path, text_encoder=fresh)  # ldm.convert's loader, strict
+    open_checkpoint(path).conditioner(given=fresh)  # the checkpoint reader, strict
     assert_same_outputs(fresh, encoder)
     assert_same_outputs(small_clip(weights_path=path, pooled=True), encoder)
 
@@ -248,7 +248,7 @@ def test_sd1_transformers_layout_matches_transformers(tmp_path):
     files = {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in state.items()}
     sd1 = {f"cond_stage_model.transformer.{k}": v for k, v in files.items()}  # as SD 1.x
     sd1["model.diffusion_model.out.2.weight"] = torch.zeros(4, 320, 3, 3)
-    load_original(save_safetensors(tmp_path / "sd1.safetensors", sd1), text_encoder=ours)
+    open_checkpoint(save_safetensors(tmp_path / "sd1.safetensors", sd1)).conditioner(given=ours)
     tokens = ours.tokenize(CAPTIONS)
     with torch.no_grad():
         want = reference(input_ids=tokens).last_hidden_state

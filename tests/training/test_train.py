@@ -17,7 +17,8 @@ from omegaconf.errors import OmegaConfBaseException
 from PIL import Image
 from trainutils import CONF, ROOT, TINY, TINY_ANY_DATA, compose_train
 
-from ldm.training.checkpoints import CONFIG_KEY, load_checkpoint, load_vae
+from ldm.pipeline import CONFIG_KEY, open_checkpoint
+from ldm.training.checkpoints import load_checkpoint, load_vae
 from ldm.training.generate import sample
 from ldm.training.run import build, train
 
@@ -82,6 +83,20 @@ def test_sample_from_a_stable_diffusion_single_file(tmp_path):
         )
     paths = sample(cfg, tmp_path / "out")
     assert len(paths) == 1 and (tmp_path / "out" / "grid.png").is_file()
+    # Without model/conditioner: the file's keys choose the text tower, or the error says how.
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        bare = compose("sample", overrides=[f"checkpoint={tmp_path / 'sd.safetensors'}"])
+    with pytest.raises(
+        ValueError, match=r"holds no text encoder.*model/conditioner=openclip_vit_l"
+    ):
+        sample(bare, tmp_path / "bare")
+    for prefix, preset in [
+        ("transformer.text_model.", "openclip_vit_l"),
+        ("model.", "openclip_vit_h"),
+    ]:
+        text = {f"cond_stage_model.{prefix}token_embedding.weight": torch.zeros(2, 2)}
+        save_safetensors(tmp_path / "with_text.safetensors", state | text)
+        assert open_checkpoint(tmp_path / "with_text.safetensors").text_encoder == preset
 
 
 def test_ldm_stage_and_sample(vae_checkpoint, tmp_path):

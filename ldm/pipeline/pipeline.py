@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -19,6 +20,8 @@ from torch import Tensor, nn
 from ldm.diffusion.guidance import Conditioning, cfg
 from ldm.diffusion.samplers import Callback
 from ldm.diffusion.schedules import Schedule
+from ldm.io import WeightsFileError
+from ldm.pipeline.checkpoint import Checkpoint, open_checkpoint
 
 Inputs = Sequence[str] | Tensor | int  # captions, class labels, or a count (unconditional)
 
@@ -35,6 +38,40 @@ class Pipeline:
     schedule: Schedule
     prediction: str = "eps"
     image_size: tuple[int, int] = (32, 32)
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        source: str | Path | Checkpoint,
+        *,
+        ema: bool = True,  # the EMA weights when the checkpoint kept them
+        conditioner: nn.Module | None = None,  # SD files / diffusers folders: the text tower
+        schedule: Schedule | None = None,  # SD files / diffusers folders (ours carry theirs)
+        prediction: str = "eps",  # the same
+        image_size: int | Sequence[int] | None = None,  # default: ours' training size, or 512
+    ) -> Pipeline:
+        """The pipeline of any checkpoint ``open_checkpoint`` reads, in eval mode."""
+        checkpoint = source if isinstance(source, Checkpoint) else open_checkpoint(source)
+        if checkpoint.format == "ours" and checkpoint.task != "ldm":
+            raise WeightsFileError(
+                f"{checkpoint.path} is a {checkpoint.task} checkpoint; sampling needs a "
+                "diffusion one"
+            )
+        vae = checkpoint.vae()
+        if vae is None and checkpoint.format != "ours":
+            raise WeightsFileError(f"{checkpoint.path} holds no VAE; sampling needs one")
+        schedule = checkpoint.schedule() or schedule
+        if schedule is None:
+            raise ValueError(f"{checkpoint.path} does not say its noise schedule: give one")
+        size = image_size or checkpoint.image_size or 512
+        return cls(
+            checkpoint.unet(ema),
+            checkpoint.conditioner(ema, given=conditioner),
+            vae,
+            schedule,
+            checkpoint.prediction or prediction,
+            (size, size) if isinstance(size, int) else (int(size[0]), int(size[1])),
+        ).eval()
 
     @property
     def device(self) -> torch.device:

@@ -1,0 +1,116 @@
+"""``python -m ldm.convert``: inspect and convert Stable Diffusion weights.
+
+    python -m ldm.convert inspect model.safetensors
+    python -m ldm.convert to-diffusers model.safetensors out_dir/    # original -> diffusers
+    python -m ldm.convert from-diffusers pipeline_dir/ model.safetensors  # -> original layout
+
+Our modules use the original layout, so ``from-diffusers`` writes a single file that
+original-layout tools load too; the constructor configs go into its metadata.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ldm.convert.stable_diffusion import (
+    PREFIXES,
+    infer_unet_config,
+    infer_vae_config,
+    save_diffusers_folder,
+    split_checkpoint,
+)
+from ldm.io import WeightsFileError, save_safetensors
+from ldm.models.vae import SD_VAE_SCALE
+from ldm.pipeline import open_checkpoint
+
+
+def _inspect(path: Path) -> None:
+    checkpoint = open_checkpoint(path)
+    if checkpoint.format == "diffusers":
+        for name, model in (("unet", checkpoint.unet()), ("vae", checkpoint.vae())):
+            if model is not None:
+                count = sum(p.numel() for p in model.parameters())
+                print(f"{name}: {count:,} parameters, config {json.dumps(model.config)}")
+        return
+    split = split_checkpoint(checkpoint.tensors)
+    for name, part in split.parts.items():
+        count = sum(v.numel() for v in part.values())
+        print(f"{name} ({PREFIXES[name]}*): {len(part)} tensors, {count:,} values")
+    print(f"unet config: {json.dumps(infer_unet_config(split.parts['unet']))}")
+    if split.parts["vae"]:
+        print(f"vae config: {json.dumps(infer_vae_config(split.parts['vae']))}")
+    if checkpoint.text_encoder:
+        print(f"text encoder: model/conditioner={checkpoint.text_encoder}")
+    if split.other:
+        shown = ", ".join(split.other[:10])
+        print(f"not loaded ({len(split.other)}): {shown}{' ...' if len(split.other) > 10 else ''}")
+
+
+def _to_diffusers(src: Path, out: Path, vae_scale_factor: float) -> None:
+    checkpoint = open_checkpoint(src)
+    if checkpoint.format != "stable-diffusion":
+        raise WeightsFileError(f"{src} is not an original Stable Diffusion checkpoint")
+    vae = checkpoint.vae()
+    if vae is not None:
+        vae.scale_factor = vae_scale_factor
+    save_diffusers_folder(out, unet=checkpoint.unet(), vae=vae)
+    print(f"wrote {out}/unet" + (f" and {out}/vae" if vae is not None else ""))
+    if checkpoint.weights("conditioner"):
+        print("the text encoder was not converted: diffusers keeps it in transformers' layout")
+
+
+def _from_diffusers(src: Path, out: Path) -> None:
+    checkpoint = open_checkpoint(src)
+    if checkpoint.format != "diffusers":
+        raise WeightsFileError(f"{src} is not a diffusers folder")
+    models = {"unet": checkpoint.unet(), "vae": checkpoint.vae()}
+    tensors, metadata = {}, {}
+    for name, model in models.items():
+        if model is None:
+            continue
+        prefix = PREFIXES[name]
+        tensors.update({prefix + k: v for k, v in model.state_dict().items()})
+        metadata[f"{name}_config"] = json.dumps(model.config)
+    save_safetensors(out, tensors, metadata)
+    print(f"wrote {out} ({', '.join(k[:-7] for k in metadata)}; configs in its metadata)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m ldm.convert", description=__doc__.split("\n")[0]
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    inspect = sub.add_parser("inspect", help="what a file or diffusers folder holds")
+    inspect.add_argument("path", type=Path)
+    to = sub.add_parser("to-diffusers", help="original single file -> diffusers folder")
+    to.add_argument("src", type=Path)
+    to.add_argument("out", type=Path)
+    to.add_argument(
+        "--vae-scale-factor",
+        type=float,
+        default=SD_VAE_SCALE,
+        help="latent scale of the VAE, which weights do not record (SD 1.x / 2.x: 0.18215, "
+        "SDXL: 0.13025)",
+    )
+    back = sub.add_parser("from-diffusers", help="diffusers folder -> original-layout file")
+    back.add_argument("src", type=Path)
+    back.add_argument("out", type=Path)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "inspect":
+            _inspect(args.path)
+        elif args.command == "to-diffusers":
+            _to_diffusers(args.src, args.out, args.vae_scale_factor)
+        else:
+            _from_diffusers(args.src, args.out)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
