@@ -9,9 +9,10 @@ new extractor, another resize, edited images) computes anew instead of reusing.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,27 @@ from ldm.io import read_safetensors, save_safetensors
 from ldm.metrics.extractors import FeatureExtractor, to_uint8
 
 CONVERSION = "uint8 = round((x + 1) * 127.5) of images in [-1, 1]"
+
+
+def source_config(factory: Callable[..., Dataset]) -> dict[str, Any]:
+    """A data module's dataset factory as a reference's provenance records it: its target
+    and keyword arguments as plain values. evaluate.py and the FID callback both describe
+    their split this way, so statistics cached by one are reused by the other."""
+    func = factory.func if isinstance(factory, functools.partial) else factory
+    target = f"{getattr(func, '__module__', '')}.{getattr(func, '__qualname__', repr(func))}"
+    kwargs = factory.keywords if isinstance(factory, functools.partial) else {}
+    return {"_target_": target, **{k: _plain(v) for k, v in sorted(kwargs.items())}}
+
+
+def _plain(value: Any) -> Any:
+    """JSON-able: OmegaConf containers as lists / dicts, anything else unknown as repr."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "ListConfig":
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return repr(value)
 
 
 def all_gather_objects(obj: Any) -> list[Any]:

@@ -23,7 +23,6 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torchvision.utils import make_grid, save_image
 
-from ldm.pipeline.checkpoint import CONFIG_KEY
 from ldm.seeding import stable_seed
 from ldm.training.callbacks import log_image
 from ldm.training.speed import compile_network, compile_options, to_channels_last
@@ -101,7 +100,6 @@ class AutoencoderTraining(L.LightningModule):
         last.bias[self.vae.latent_channels :] = value
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[CONFIG_KEY] = getattr(self, "run_config", None)  # set by train.py
         checkpoint["vae_config"] = dict(self.vae.config)
 
     # ----------------------------------------------------------------- losses

@@ -22,7 +22,13 @@ from torch.nn.utils import get_total_norm
 from torchvision.utils import make_grid, save_image
 
 from ldm.io import atomic_write
-from ldm.nn.lora import disable_adapters, lora_layers, save_adapter, set_adapter_weights
+from ldm.nn.lora import (
+    adapter_parameters,
+    disable_adapters,
+    lora_layers,
+    save_adapter,
+    set_adapter_weights,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +60,21 @@ class Checkpoint(ModelCheckpoint):
             self._last_global_step_saved = trainer.global_step
 
 
+class SavedConfig(L.Callback):
+    """The run's resolved config (YAML) inside every checkpoint, under ``CONFIG_KEY``: what
+    ``open_checkpoint`` rebuilds the model from."""
+
+    def __init__(self, config_yaml: str):
+        self.config_yaml = config_yaml
+
+    def on_save_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        from ldm.pipeline import CONFIG_KEY
+
+        checkpoint[CONFIG_KEY] = self.config_yaml
+
+
 class AdapterExport(L.Callback):
     """At the end of training, the LoRA adapter alone (EMA weights when kept) as
     ``<run>/<filename>``, in our format with its settings; logs its size."""
@@ -66,7 +87,8 @@ class AdapterExport(L.Callback):
             return
         networks = pl_module.sampling_networks()
         networks.lora_settings = pl_module.networks.lora_settings
-        report = getattr(pl_module, "lora_report", {})
+        trainable = sum(p.numel() for p in adapter_parameters(networks, self.name))
+        report = {"trainable_parameters": trainable}
         path = save_adapter(
             networks,
             Path(trainer.default_root_dir) / self.filename,
@@ -77,7 +99,7 @@ class AdapterExport(L.Callback):
         log.warning(
             "LoRA adapter %r: %s trainable parameters, %s, %.2f MiB",
             self.name,
-            f"{report.get('trainable_parameters', 0):,}",
+            f"{trainable:,}",
             path,
             size / 2**20,
         )
@@ -406,7 +428,7 @@ class FIDCallback(L.Callback):
     def _setup(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         from ldm.metrics.attributes import attribute_judge
         from ldm.metrics.extractors import make_extractor
-        from ldm.metrics.reference import reference_features
+        from ldm.metrics.reference import reference_features, source_config
         from ldm.metrics.sweep import Evaluator
 
         datamodule = trainer.datamodule
@@ -415,16 +437,11 @@ class FIDCallback(L.Callback):
         extractor, reference = None, None
         if self.extractor_spec:
             extractor = make_extractor(self.extractor_spec).to(pl_module.device)
-            factory = datamodule.factory
-            config = {
-                "factory": getattr(getattr(factory, "func", factory), "__qualname__", repr(factory))
-            }
-            config |= {k: repr(v) for k, v in getattr(factory, "keywords", {}).items()}
             count = min(self.num_samples, len(split))
             reference, _, _ = reference_features(
                 split,
                 extractor,
-                dataset_config=config,
+                dataset_config=source_config(datamodule.factory),  # as evaluate.py does
                 split=self.split,
                 count=count,
                 cache_dir=cache_dir,

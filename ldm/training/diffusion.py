@@ -28,7 +28,6 @@ from ldm.diffusion.objective import check_prediction, diffusion_loss, q_sample
 from ldm.diffusion.schedules import Schedule
 from ldm.models.vae import DiagonalGaussian
 from ldm.pipeline import Pipeline
-from ldm.pipeline.checkpoint import CONFIG_KEY
 from ldm.seeding import stable_seed
 from ldm.training.ema import EMA
 from ldm.training.speed import compile_network, compile_options, to_channels_last
@@ -161,7 +160,6 @@ class LatentDiffusion(L.LightningModule):
         self.print(f"latent scale_factor set from the data: 1 / {std:.5f} = {1 / std:.5f}")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[CONFIG_KEY] = getattr(self, "run_config", None)  # set by train.py
         if self.vae is not None:
             checkpoint["vae_config"] = dict(self.vae.config)
 

@@ -19,6 +19,7 @@ from ldm.metrics.reference import (
     provenance,
     read_reference,
     reference_features,
+    source_config,
 )
 from ldm.metrics.sweep import Evaluator, grid_points, markdown_table, summarize, write_results
 from ldm.training.generate import load_model
@@ -32,7 +33,7 @@ def evaluate(cfg: DictConfig, out_dir: str | Path) -> list[dict[str, Any]]:
     data = instantiate(cfg.data)
     split = data.dataset(cfg.split)
     extractor = make_extractor(cfg.extractor).to(fabric.device) if cfg.extractor else None
-    dataset_config = OmegaConf.to_container(cfg.data.dataset, resolve=True)
+    dataset_config = source_config(data.factory)  # as the FID callback describes it
     count = min(cfg.reference_count or cfg.num_samples, len(split))
     common = dict(dataset_config=dataset_config, split=cfg.split, count=count)
     reference = None  # stays None without an extractor: attributes (and CLIP score) only

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -83,32 +83,51 @@ def _check_diffusion(base: Any, run: Any, path: Path) -> None:
             )
 
 
-def apply_lora(module: nn.Module, cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """Freeze ``module.networks`` and inject adapter ``cfg["name"]`` (rank, alpha, dropout,
-    targets, conv_rank; ``text_encoder`` adds one to the conditioner with
-    ``text_targets``). Returns what it did: layers, trainable and total parameters."""
+def apply_lora(module: nn.Module, **settings: Any) -> nn.Module:
+    """The ``lora`` recipe (conf/lora/): freeze ``module.networks`` and inject the adapter
+    ``settings`` describe (``ldm.nn.lora.inject_from_config``); only the adapter trains."""
     networks: nn.ModuleDict = module.networks
     networks.requires_grad_(False)
-    name = cfg.get("name") or "default"
-    layers = inject_from_config(networks, cfg)
+    name = settings.get("name") or "default"
+    layers = inject_from_config(networks, settings)
     restart_ema(module)  # the average must hold the adapters too
     trainable = sum(p.numel() for p in adapter_parameters(networks, name))
     total = sum(p.numel() for p in networks.parameters())
-    report = {
-        "adapter": name,
-        "layers": {k: len(v) for k, v in layers.items()},
-        "trainable_parameters": trainable,
-        "total_parameters": total,
-    }
     log.info(
         "LoRA %r: %s layers; %s trainable of %s parameters (%.2f%%)",
         name,
-        report["layers"],
+        {k: len(v) for k, v in layers.items()},
         f"{trainable:,}",
         f"{total:,}",
         100 * trainable / total,
     )
-    return report
+    return module
+
+
+def prepare_dreambooth(
+    module: nn.Module,
+    *,
+    class_dir: str | None,
+    class_prompt: str | None,
+    prior_loss_weight: float,
+    class_images: int,
+    class_steps: int,
+    class_guidance: float,
+    seed: int,
+) -> nn.Module:
+    """The ``dreambooth`` recipe (experiment=dreambooth): with prior preservation on, the
+    base model tops ``class_dir`` up to ``class_images`` class images first."""
+    if class_dir and class_prompt and prior_loss_weight > 0:
+        ensure_class_images(
+            module,
+            class_dir,
+            class_prompt,
+            class_images,
+            steps=class_steps,
+            guidance_scale=class_guidance,
+            seed=seed,
+        )
+    return module
 
 
 @torch.no_grad()
@@ -164,10 +183,12 @@ def ensure_class_images(
     return len(missing)
 
 
-def apply_textual_inversion(module: nn.Module, cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """Freeze every network weight (LoRA adapters, when a ``lora`` is on too, stay
-    trainable) and add ``cfg["tokens"]`` (initialised from ``cfg["init_words"]``) to the
-    conditioner: the new embedding rows train."""
+def apply_textual_inversion(
+    module: nn.Module, *, tokens: Sequence[str], init_words: Sequence[str]
+) -> nn.Module:
+    """The ``textual_inversion`` recipe: freeze every network weight (LoRA adapters, when a
+    ``lora`` is on too, stay trainable) and add ``tokens`` (initialised from ``init_words``)
+    to the conditioner: the new embedding rows train."""
     from ldm.models.textual_inversion import add_tokens
 
     conditioner = module.conditioner
@@ -176,15 +197,14 @@ def apply_textual_inversion(module: nn.Module, cfg: Mapping[str, Any]) -> dict[s
     for name, parameter in module.networks.named_parameters():
         if ".lora." not in name:
             parameter.requires_grad_(False)
-    tokens, words = list(cfg["tokens"]), list(cfg["init_words"])
-    ids = add_tokens(conditioner, tokens, init_words=words)
+    ids = add_tokens(conditioner, list(tokens), init_words=list(init_words))
     restart_ema(module)
     trainable = sum(p.numel() for p in module.networks.parameters() if p.requires_grad)
     log.info(
         "textual inversion: tokens %s (ids %s) from %s; %s trainable parameters",
-        tokens,
+        list(tokens),
         ids,
-        words,
+        list(init_words),
         trainable,
     )
-    return {"tokens": tokens, "ids": ids, "trainable_parameters": trainable}
+    return module

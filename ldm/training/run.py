@@ -11,16 +11,14 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from ldm.data.latents import fingerprint, read_cache_info
-from ldm.training.callbacks import AtomicCheckpointIO
+from ldm.training.callbacks import AtomicCheckpointIO, SavedConfig
 from ldm.training.checkpoints import load_vae, resolve_resume
-from ldm.training.finetune import (
-    apply_lora,
-    apply_textual_inversion,
-    ensure_class_images,
-    load_base,
-)
+from ldm.training.finetune import load_base
 
 log = logging.getLogger(__name__)
+# The fine-tuning recipes, in the order they apply: class images come from the base model
+# before adapters change it; textual inversion keeps LoRA adapters trainable.
+RECIPES = ("dreambooth", "lora", "textual_inversion")
 
 
 def build(
@@ -29,6 +27,7 @@ def build(
     """The module, the data and the trainer a training config describes (seeded first, so
     the same config always builds the same initial weights)."""
     L.seed_everything(cfg.seed, workers=True)
+    saved = OmegaConf.to_yaml(cfg, resolve=True)  # a missing value stops here, named
     data = instantiate(cfg.data)
     parts = {}
     if cfg.task_name == "ldm":
@@ -37,25 +36,11 @@ def build(
     if cfg.get("base"):  # fine-tuning: start from trained weights
         loaded = load_base(module, cfg.base, cfg.diffusion)
         log.info("base weights for %s from %s", loaded, cfg.base)
-    if cfg.get("dreambooth"):  # prior preservation: class images from the base model
-        dataset, settings = cfg.data.dataset, cfg.dreambooth
-        wanted = dataset.get("class_prompt") and dataset.get("prior_loss_weight", 0) > 0
-        if wanted and dataset.get("class_dir"):
-            ensure_class_images(
-                module,
-                dataset.class_dir,
-                dataset.class_prompt,
-                settings.class_images,
-                steps=settings.class_steps,
-                guidance_scale=settings.class_guidance,
-                seed=cfg.seed,
-            )
-    if cfg.get("lora"):
-        module.lora_report = apply_lora(module, cfg.lora)
-    if cfg.get("textual_inversion"):
-        module.ti_report = apply_textual_inversion(module, cfg.textual_inversion)
-    module.run_config = OmegaConf.to_yaml(cfg, resolve=True)  # saved in every checkpoint
+    for name in RECIPES:  # each a (module, **settings) -> module named by its config
+        if cfg.get(name):
+            module = instantiate(cfg[name])(module)
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
+    callbacks.append(SavedConfig(saved))  # the config inside every checkpoint
     loggers = [instantiate(c) for c in cfg.logger.values() if c is not None]
     trainer = instantiate(
         cfg.trainer,

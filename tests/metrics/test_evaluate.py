@@ -123,6 +123,23 @@ def test_fid_callback_logs_during_training(tmp_path):
     header = lines[0].split(",")
     fids = [row.split(",")[header.index("val/fid")] for row in lines[1:]]
     assert len([f for f in fids if f]) == 2  # steps 2 and 4
+    # evaluate.py on the same split, n and extractor reuses the callback's statistics.
+    cache = tmp_path / "reference_stats"
+    written = sorted(p.name for p in cache.glob("reference-*"))
+    evaluate(
+        _compose(
+            "data.dataset.size=16",
+            "data.dataset.num_samples=[64,8,8]",
+            f"checkpoint={tmp_path / 'checkpoints' / 'last.ckpt'}",
+            f"cache_dir={cache}",
+            "extractor=tiny",
+            "num_samples=8",
+            "attributes=false",
+            "grid.steps=[2]",
+        ),
+        tmp_path / "eval",
+    )
+    assert len(written) == 1 and sorted(p.name for p in cache.glob("reference-*")) == written
 
 
 def test_attributes_alone_need_no_feature_network(checkpoint, tmp_path):
