@@ -4,7 +4,7 @@ PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?= -n 2
 
-.PHONY: quickstart benchmark-shapes study ddim-study test lint format clean
+.PHONY: quickstart benchmark-shapes study ddim-study ddim-tables test lint format clean
 
 $(STAMP): pyproject.toml
 	test -x $(PYTHON) || python3 -m venv $(VENV)
@@ -72,6 +72,14 @@ ddim-study: $(STAMP)  ## the DDIM eta x steps comparison, network vs exact denoi
 	done; done; done
 	$(PYTHON) benchmarks/fid_floors.py $$(ls $(BENCH)/reference_stats/reference-*.safetensors | head -1) \
 		--vae $(BENCH)/vae/checkpoints/last.ckpt --n 1000
+	$(MAKE) ddim-tables
+
+ddim-tables:  ## the tables and plots of the DDIM study so far (mean ± sd over seeds)
+	for g in 1.0 3.0; do for model in network exact; do \
+		runs=$$(ls -d $(DDIM)/$$model-g$$g-* 2>/dev/null); [ -n "$$runs" ] || continue; \
+		$(PYTHON) -m ldm.tools.tables $$runs --metrics fid attr_joint attr_shape \
+			--paired 0 1 --out $(DDIM)/$$model-g$$g.png; \
+	done; done
 
 test: $(STAMP) lint  ## lint, then the whole test suite
 	$(PYTHON) -m pytest $(PYTEST_ARGS)

@@ -10,7 +10,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from ldm.app import reported
-from ldm.training.generate import sample
+from ldm.app.sample import sample
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="sample")

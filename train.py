@@ -10,7 +10,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from ldm.app import reported
-from ldm.training.run import train
+from ldm.app.train import train
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

@@ -86,7 +86,7 @@ def test_modules_import_only_from_their_layer_or_below():
 
 
 def test_the_rule_sees_function_level_imports(tmp_path):
-    source = "def f():\n    from ldm.training.run import train\n"
+    source = "def f():\n    from ldm.app.train import train\n"
     visitor = _Imports()
     visitor.visit(ast.parse(source))
-    assert visitor.found == [(2, "ldm.training.run")]
+    assert visitor.found == [(2, "ldm.app.train")]

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from ldm.training.evaluation import evaluate
-from ldm.training.run import train
+from ldm.app.evaluate import evaluate
+from ldm.app.train import train
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "training"))

@@ -8,9 +8,9 @@ from hydra import compose, initialize_config_dir
 from torch.utils.data import default_collate
 from trainutils import CONF, compose_train
 
+from ldm.app.sample import sample
+from ldm.app.train import build, train
 from ldm.nn.lora import adapter_parameters, read_adapter
-from ldm.training.generate import sample
-from ldm.training.run import build, train
 
 
 def test_lora_finetuning_by_config(tmp_path):

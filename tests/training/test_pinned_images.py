@@ -9,8 +9,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from trainutils import CONF, compose_train
 
-from ldm.training.generate import sample
-from ldm.training.run import train
+from ldm.app.sample import sample
+from ldm.app.train import train
 
 # sha256[:16] of each PNG, in sample.py's order (prompt-major, then seed).
 PINNED = {

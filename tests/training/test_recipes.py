@@ -11,14 +11,14 @@ from PIL import Image
 from safetensors import safe_open
 from trainutils import CONF, TINY_ANY_DATA, compose_train
 
+from ldm.app.sample import load_model, sample
+from ldm.app.train import build, train
 from ldm.diffusion.samplers import make_sampler
 from ldm.io import save_safetensors
 from ldm.nn.lora import adapter_parameters, inject_lora, save_adapter, set_adapter_weights
 from ldm.tools.merge import main as merge_main
 from ldm.tools.merge import merge, read_checkpoint
 from ldm.training.finetune import ensure_class_images
-from ldm.training.generate import load_model, sample
-from ldm.training.run import build, train
 
 # The class prompt is a caption the base model knows; the instance prompt shares its words,
 # so fine-tuning on the instance without prior preservation drifts the class too.

@@ -5,9 +5,9 @@ import pytest
 import torch
 from trainutils import compose_train
 
+from ldm.app.train import train
 from ldm.models.unet import UNet
 from ldm.nn.embeddings import grid_embedding
-from ldm.training.run import train
 from ldm.training.speed import compile_options
 
 

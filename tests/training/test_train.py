@@ -17,10 +17,10 @@ from omegaconf.errors import OmegaConfBaseException
 from PIL import Image
 from trainutils import CONF, ROOT, TINY, TINY_ANY_DATA, compose_train
 
+from ldm.app.sample import sample
+from ldm.app.train import build, train
 from ldm.pipeline import CONFIG_KEY, open_checkpoint
 from ldm.training.checkpoints import load_checkpoint, load_vae
-from ldm.training.generate import sample
-from ldm.training.run import build, train
 
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 

@@ -12,6 +12,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from ldm.app.sample import load_model
 from ldm.metrics.attributes import attribute_judge, headline
 from ldm.metrics.extractors import make_extractor
 from ldm.metrics.reference import (
@@ -22,7 +23,6 @@ from ldm.metrics.reference import (
     source_config,
 )
 from ldm.metrics.sweep import Evaluator, grid_points, markdown_table, summarize, write_results
-from ldm.training.generate import load_model
 
 
 def evaluate(cfg: DictConfig, out_dir: str | Path) -> list[dict[str, Any]]:
