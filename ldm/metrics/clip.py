@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ldm.models.conditioners import find_openclip_weights
+from ldm.models.openclip import find_openclip_weights
 
 
 class OpenCLIPScore(nn.Module):

@@ -24,7 +24,7 @@ from torch.optim import Optimizer
 from torchvision.utils import make_grid, save_image
 
 from ldm.seeding import stable_seed
-from ldm.training.callbacks import log_image
+from ldm.training.sampling_callbacks import log_image
 from ldm.training.speed import compile_network, compile_options, to_channels_last
 
 RECONSTRUCTION_LOSSES = ("l1", "l2")

@@ -13,11 +13,10 @@ from ldm.diffusion.guidance import cfg
 from ldm.io import save_safetensors
 from ldm.models.conditioners import (
     ClassEmbedder,
-    OpenCLIPTextEncoder,
     TransformerTextEncoder,
     drop_conditioning,
-    find_openclip_weights,
 )
+from ldm.models.openclip import OpenCLIPTextEncoder, find_openclip_weights
 from ldm.models.unet import UNet
 from ldm.pipeline import open_checkpoint
 

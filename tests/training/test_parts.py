@@ -133,7 +133,7 @@ def test_wandb_login_is_read_from_the_environment(monkeypatch, tmp_path):
 
 def test_sample_grid_scores_every_tile_against_its_row_prompt():
     from ldm.diffusion.samplers import make_sampler
-    from ldm.training.callbacks import SampleGrid
+    from ldm.training.sampling_callbacks import SampleGrid
 
     prompts = ["a large red circle in the center on a white background",
                "a small blue square in the top left on a black background"]  # fmt: skip
