@@ -37,7 +37,7 @@ benchmark-shapes: $(STAMP)  ## the shapes models trained toward their floors (~9
 		callbacks.checkpoint.every_n_train_steps=2000 callbacks.samples.every_n_steps=2000 \
 		callbacks.fid.cache_dir=$(BENCH)/reference_stats callbacks.samples.cache_dir=$(BENCH)/reference_stats
 	$(PYTHON) evaluate.py checkpoint=$(BENCH)/ldm/checkpoints/last.ckpt num_samples=1000 \
-		reference_count=1000 'grid.steps=[50]' cache_dir=$(BENCH)/reference_stats \
+		reference_count=1000 'grid.steps=[50]' 'grid.guidance=[1.0,3.0]' cache_dir=$(BENCH)/reference_stats \
 		hydra.run.dir=$(BENCH)/eval
 	$(PYTHON) benchmarks/fid_floors.py $$(ls $(BENCH)/reference_stats/reference-*.safetensors | head -1) \
 		--vae $(BENCH)/vae/checkpoints/last.ckpt --n 1000  # the callback's and evaluate's: same images

@@ -11,6 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RANKS = {
     "io": 0,  # weight files
     "seeding": 0,
+    "conf": 0,  # configs (ldm/conf links to conf/)
     "": 0,  # the package itself (__version__)
     "diffusion": 1,  # pure math
     "nn": 2,
@@ -23,6 +24,9 @@ RANKS = {
     "training": 8,
     "tools": 9,
     "app": 9,
+    "train": 9,  # python -m ldm.train / sample / evaluate: command lines
+    "sample": 9,
+    "evaluate": 9,
 }
 
 
@@ -49,10 +53,10 @@ class _Imports(ast.NodeVisitor):
         if node.level:  # relative: resolved against the package
             raise AssertionError(f"line {node.lineno}: use absolute imports")
         if node.module == "ldm":
-            names = [a.name for a in node.names]  # a module, or a name like __version__
-            self.found += [
-                (node.lineno, "ldm" if n.startswith("__") else f"ldm.{n}") for n in names
-            ]
+            for alias in node.names:  # a module of the package, or a name like CONF_DIR
+                path = ROOT / "ldm" / alias.name
+                module = path.is_dir() or path.with_suffix(".py").is_file()
+                self.found.append((node.lineno, f"ldm.{alias.name}" if module else "ldm"))
         elif node.module and node.module.startswith("ldm."):
             self.found.append((node.lineno, node.module))
 

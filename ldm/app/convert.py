@@ -35,6 +35,15 @@ def _inspect(path: Path) -> None:
                 count = sum(p.numel() for p in model.parameters())
                 print(f"{name}: {count:,} parameters, config {json.dumps(model.config)}")
         return
+    if checkpoint.format != "stable-diffusion":  # ours, or bare weights
+        print(f"format: {checkpoint.format}; task: {checkpoint.task}; EMA: {checkpoint.has_ema}")
+        for part in ("unet", "conditioner", "vae"):
+            weights = checkpoint.weights(part)
+            if weights:
+                count = sum(v.numel() for v in weights.values())
+                print(f"{part}: {len(weights)} tensors, {count:,} values")
+        print(f"LoRA adapters: {checkpoint.adapters}; TI tokens: {checkpoint.embeddings}")
+        return
     split = split_checkpoint(checkpoint.tensors)
     for name, part in split.parts.items():
         count = sum(v.numel() for v in part.values())

@@ -9,6 +9,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
+from ldm import CONF_DIR
 from ldm.app import reported
 from ldm.data.latents import cache_latents
 from ldm.training.checkpoints import load_vae
@@ -30,8 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=["float32", "float16"], default="float32")
     parser.add_argument("overrides", nargs="*", help="data config overrides, e.g. dataset.size=64")
     args = parser.parse_args(argv)
-    conf = Path(__file__).resolve().parents[2] / "conf"
-    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(
             config_name=None,
             overrides=[f"+data={args.data}"] + [f"data.{o}" for o in args.overrides],

@@ -21,6 +21,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torchvision.utils import make_grid, save_image
 
+from ldm import CONF_DIR
 from ldm.convert.lora import read_any, split_spec
 from ldm.io import WeightsFileError
 from ldm.models.textual_inversion import load_embeddings
@@ -29,7 +30,6 @@ from ldm.pipeline import Checkpoint, Pipeline, open_checkpoint
 from ldm.seeding import stable_seed
 
 log = logging.getLogger(__name__)
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
 def load_model(cfg: DictConfig) -> Pipeline:

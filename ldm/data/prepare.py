@@ -39,7 +39,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 from webdataset import TarWriter
 
-from ldm import __version__
+from ldm import CONF_DIR, __version__
 from ldm.data.builtin import SPLITS
 from ldm.data.folder import METADATA_FILES, Record, scan_folder
 from ldm.data.images import is_image_file, open_image
@@ -48,7 +48,6 @@ from ldm.data.transforms import ImageTransform, Interpolation
 from ldm.io import atomic_write
 from ldm.seeding import stable_fraction
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 MANIFEST = "manifest.json"
 STAGING_PREFIX = ".prepare-"  # OUT/.prepare-*: this run's shards until they are complete
 CAPTION_EXTENSION = ".txt"  # scan_folder's sidecar captions

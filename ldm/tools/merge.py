@@ -26,13 +26,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ldm import CONF_DIR
 from ldm.convert.lora import read_any, split_spec
 from ldm.io import WeightsFileError, file_digest, read_metadata, save_safetensors
 from ldm.nn.lora import layer_alpha, low_rank_delta
 from ldm.pipeline import CONFIG_KEY, open_checkpoint
 
 METHODS = ("weighted", "add_difference", "bake")
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:

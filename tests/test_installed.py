@@ -1,0 +1,69 @@
+"""ldm installed from a wheel (not editable), run from another folder: the configs ship
+inside the package and every command line starts and runs a tiny job."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "training"))
+from trainutils import TINY
+
+ROOT = Path(__file__).resolve().parents[1]
+# The tiny settings of the training tests, minus what only the in-process compose sets.
+TRAIN = [o for o in TINY if not o.startswith("+trainer")] + ["trainer.max_steps=2"]
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    """A folder holding the installed package alone (its dependencies: this environment's)."""
+    out = tmp_path_factory.mktemp("installed")
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    build = [*pip, "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-w", str(out)]
+    subprocess.run(build, check=True, capture_output=True, timeout=300)
+    wheel = next(out.glob("ldm-*.whl"))
+    target = out / "site"
+    subprocess.run([*pip, "install", "--no-deps", "--target", str(target), str(wheel)],
+                   check=True, capture_output=True, timeout=300)  # fmt: skip
+    return target
+
+
+def _run(site: Path, cwd: Path, *args: str) -> str:
+    env = {**os.environ, "PYTHONPATH": str(site), "LDM_OUTPUT_DIR": str(cwd / "outputs")}
+    done = subprocess.run(
+        [sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, f"{args[:2]}: {done.stderr[-3000:]}"
+    return done.stdout + done.stderr
+
+
+def test_the_installed_package_runs_every_command_line(site, tmp_path):
+    where = _run(site, tmp_path, "-c", "import ldm; print(ldm.__file__, ldm.CONF_DIR.is_dir())")
+    assert where.startswith(str(site)) and "True" in where  # not the repository's ldm/
+    _run(site, tmp_path, "-m", "ldm.train", "task=vae", *TRAIN, "hydra.run.dir=vae")
+    vae = tmp_path / "vae" / "checkpoints" / "last.ckpt"
+    _run(site, tmp_path, "-m", "ldm.train", f"vae_checkpoint={vae}", *TRAIN, "hydra.run.dir=ldm")
+    ldm = tmp_path / "ldm" / "checkpoints" / "last.ckpt"
+    _run(site, tmp_path, "-m", "ldm.sample", f"checkpoint={ldm}", "prompts=[a red circle]",
+         "num_per_prompt=1", "sampler.steps=2", "hydra.run.dir=samples")  # fmt: skip
+    assert (tmp_path / "samples" / "grid.png").is_file()
+    _run(site, tmp_path, "-m", "ldm.evaluate", f"checkpoint={ldm}", "extractor=tiny",
+         "num_samples=4", "attributes=false", "grid.steps=[2]", "data.dataset.size=16",
+         "data.dataset.num_samples=[64,8,8]", "hydra.run.dir=eval")  # fmt: skip
+    assert (tmp_path / "eval" / "results.md").is_file()
+    _run(site, tmp_path, "-m", "ldm.tools.merge", "method=weighted", f"inputs=[{ldm},{ldm}]",
+         f"out={tmp_path / 'merged.safetensors'}")  # fmt: skip
+    _run(site, tmp_path, "-m", "ldm.convert", "inspect", str(tmp_path / "merged.safetensors"))
+    _run(site, tmp_path, "-m", "ldm.data.latents", str(vae), str(tmp_path / "latents"),
+         "dataset.size=16", "dataset.num_samples=[64,8,8]", "--splits", "val")  # fmt: skip
+    assert (tmp_path / "latents" / "val" / "cache.json").is_file()
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(3):
+        Image.new("RGB", (64, 64), (80 * i, 40, 200)).save(photos / f"{i}.png")
+    _run(site, tmp_path, "-m", "ldm.data.prepare", str(photos), str(tmp_path / "shards"),
+         "progress=false", "near_duplicate_bits=null")  # fmt: skip
+    assert any((tmp_path / "shards").rglob("*.tar"))
