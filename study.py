@@ -4,49 +4,7 @@ python study.py                          # every sampler x step count, DDPM sche
 python study.py -m diffusion=ddpm,sd,zsnr_v   # one study per schedule
 """
 
-from pathlib import Path
-
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
-
-from ldm.studies.analytic import (
-    markdown_table,
-    plot_error_vs_nfe,
-    plot_samples,
-    run_study,
-    write_results,
-)
-
-
-@hydra.main(version_base="1.3", config_path="conf", config_name="study")
-def main(cfg: DictConfig) -> None:
-    out_dir = Path(HydraConfig.get().runtime.output_dir)
-    unused = sorted(set(cfg.sampler_options) - set(cfg.samplers))
-    if unused:
-        raise ValueError(
-            f"sampler_options given for {unused}, which samplers={list(cfg.samplers)} does not "
-            "run; add them to samplers or drop their options"
-        )
-    data = instantiate(cfg.data)
-    schedule = instantiate(cfg.diffusion.schedule)
-    rows, samples = run_study(
-        data,
-        schedule,
-        cfg.diffusion.prediction,
-        {name: dict(cfg.sampler_options.get(name, {})) for name in cfg.samplers},
-        list(cfg.steps),
-        cfg.num_samples,
-        cfg.seed,
-    )
-    paths = write_results(rows, out_dir, meta=OmegaConf.to_container(cfg, resolve=True))
-    plot_samples(samples, data, out_dir / "samples.png")
-    plot_error_vs_nfe(rows, out_dir / "error_vs_nfe.png")
-    print(markdown_table(rows))
-    print(f"\nwrote {', '.join(str(p) for p in paths.values())}")
-    print(f"plots {out_dir / 'samples.png'}, {out_dir / 'error_vs_nfe.png'}")
-
+from ldm.study import main
 
 if __name__ == "__main__":
     main()

@@ -27,6 +27,7 @@ RANKS = {
     "train": 9,  # python -m ldm.train / sample / evaluate: command lines
     "sample": 9,
     "evaluate": 9,
+    "study": 9,
 }
 
 
