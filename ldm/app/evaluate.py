@@ -11,6 +11,7 @@ from typing import Any
 import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
 
 from ldm.app.sample import load_model
 from ldm.metrics.attributes import attribute_judge, headline
@@ -33,32 +34,7 @@ def evaluate(cfg: DictConfig, out_dir: str | Path) -> list[dict[str, Any]]:
     data = instantiate(cfg.data)
     split = data.dataset(cfg.split)
     extractor = make_extractor(cfg.extractor).to(fabric.device) if cfg.extractor else None
-    dataset_config = source_config(data.factory)  # as the FID callback describes it
-    count = min(cfg.reference_count or cfg.num_samples, len(split))
-    common = dict(dataset_config=dataset_config, split=cfg.split, count=count)
-    reference = None  # stays None without an extractor: attributes (and CLIP score) only
-    if extractor is not None and cfg.reference_stats:  # its provenance must match this run
-        expected = provenance(
-            dataset_config, cfg.split, count, extractor, content_digest(split, count)
-        )
-        reference, _ = read_reference(cfg.reference_stats, expected)
-    elif extractor is not None:
-        reference, _, extracted = reference_features(
-            split,
-            extractor,
-            **common,
-            cache_dir=cfg.cache_dir,
-            batch_size=cfg.batch_size,
-            device=fabric.device,
-            rank=fabric.global_rank,
-            world_size=fabric.world_size,
-        )
-        if fabric.global_rank == 0:
-            how = "extracted" if extracted else "reused from the cache"
-            print(f"reference statistics: {how} ({count} samples)", flush=True)
-    if fabric.global_rank == 0:  # what the scores are against, before any is made
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        (Path(out_dir) / "provenance.json").write_text(json.dumps(common, indent=2, default=str))
+    reference = _reference(cfg, data, split, extractor, fabric, out_dir)
     pipeline = load_model(cfg).to(fabric.device)
     clip = instantiate(cfg.clip).to(fabric.device) if cfg.clip else None
     judge = attribute_judge(
@@ -103,6 +79,40 @@ def evaluate(cfg: DictConfig, out_dir: str | Path) -> list[dict[str, Any]]:
         print(markdown_table(summarize(rows)))
         print(f"wrote {', '.join(str(p) for p in paths.values())}")
     return rows
+
+
+def _reference(
+    cfg: DictConfig, data: Any, split: Any, extractor: Any, fabric: L.Fabric, out_dir: str | Path
+) -> Tensor | None:
+    """The held-out split's reference features (``cfg.reference_stats``, else the cache,
+    else extracted now); None without an extractor. Rank 0 writes provenance.json first."""
+    dataset_config = source_config(data.factory)  # as the FID callback describes it
+    count = min(cfg.reference_count or cfg.num_samples, len(split))
+    common = dict(dataset_config=dataset_config, split=cfg.split, count=count)
+    reference = None  # stays None without an extractor: attributes (and CLIP score) only
+    if extractor is not None and cfg.reference_stats:  # its provenance must match this run
+        expected = provenance(
+            dataset_config, cfg.split, count, extractor, content_digest(split, count)
+        )
+        reference, _ = read_reference(cfg.reference_stats, expected)
+    elif extractor is not None:
+        reference, _, extracted = reference_features(
+            split,
+            extractor,
+            **common,
+            cache_dir=cfg.cache_dir,
+            batch_size=cfg.batch_size,
+            device=fabric.device,
+            rank=fabric.global_rank,
+            world_size=fabric.world_size,
+        )
+        if fabric.global_rank == 0:
+            how = "extracted" if extracted else "reused from the cache"
+            print(f"reference statistics: {how} ({count} samples)", flush=True)
+    if fabric.global_rank == 0:  # what the scores are against, before any is made
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / "provenance.json").write_text(json.dumps(common, indent=2, default=str))
+    return reference
 
 
 # What a run's scores depend on besides its grid point and repeat; the grid, the repeats and

@@ -10,6 +10,7 @@ diffusers layout.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -68,44 +69,18 @@ class UNet(nn.Module):
         if not isinstance(transformer_depth, int):
             self.config["transformer_depth"] = list(transformer_depth)
         levels = len(channel_multipliers)
-        if (num_heads is None) == (head_dim is None):
-            raise ValueError("give exactly one of num_heads (a head count) or head_dim")
-        if any(not 0 <= lvl < levels for lvl in attention_levels):
-            raise ValueError(f"attention_levels {list(attention_levels)} outside 0..{levels - 1}")
-        depths = (
-            [transformer_depth] * levels
-            if isinstance(transformer_depth, int)
-            else list(transformer_depth)
+        depths = _transformer_depths(
+            transformer_depth, levels, attention_levels, num_heads, head_dim
         )
-        if len(depths) != levels:
-            raise ValueError(f"transformer_depth needs {levels} entries, got {len(depths)}")
         self.in_channels, self.out_channels = in_channels, out_channels
         self.context_dim, self.num_classes, self.pooled_dim = context_dim, num_classes, pooled_dim
         self.gradient_checkpointing = False
         self.model_channels = model_channels
         emb_dim = model_channels * 4
-
-        def heads_for(channels: int) -> tuple[int, int]:
-            if head_dim is not None:
-                return channels // head_dim, head_dim
-            return num_heads, channels // num_heads
-
-        def transformer(channels: int, depth: int) -> SpatialTransformer:
-            heads, dim = heads_for(channels)
-            return SpatialTransformer(
-                channels,
-                heads,
-                dim,
-                depth,
-                context_dim,
-                linear_projection,
-                norm_groups,
-                dropout,
-                positional=positional_embedding,
-            )
-
-        def resblock(cin: int, cout: int) -> ResBlock:
-            return ResBlock(cin, emb_dim, cout, dropout, scale_shift, norm_groups)
+        make = _Blocks(
+            emb_dim, num_heads, head_dim, context_dim, linear_projection, norm_groups, dropout,
+            scale_shift, positional_embedding,
+        )  # fmt: skip
 
         self.time_embed = nn.Sequential(
             nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
@@ -123,28 +98,28 @@ class UNet(nn.Module):
         skips, ch = [model_channels], model_channels
         for level, mult in enumerate(channel_multipliers):
             for _ in range(blocks_per_level):
-                layers = [resblock(ch, model_channels * mult)]
+                layers = [make.resblock(ch, model_channels * mult)]
                 ch = model_channels * mult
                 if level in attention_levels:
-                    layers.append(transformer(ch, depths[level]))
+                    layers.append(make.transformer(ch, depths[level]))
                 self.input_blocks.append(_Stage(*layers))
                 skips.append(ch)
             if level != levels - 1:
                 self.input_blocks.append(_Stage(Downsample(ch)))
                 skips.append(ch)
 
-        middle = [resblock(ch, ch)]
+        middle = [make.resblock(ch, ch)]
         if mid_attention:
-            middle.append(transformer(ch, depths[-1]))
-        self.middle_block = _Stage(*middle, resblock(ch, ch))
+            middle.append(make.transformer(ch, depths[-1]))
+        self.middle_block = _Stage(*middle, make.resblock(ch, ch))
 
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(channel_multipliers))):
             for i in range(blocks_per_level + 1):
-                layers = [resblock(ch + skips.pop(), model_channels * mult)]
+                layers = [make.resblock(ch + skips.pop(), model_channels * mult)]
                 ch = model_channels * mult
                 if level in attention_levels:
-                    layers.append(transformer(ch, depths[level]))
+                    layers.append(make.transformer(ch, depths[level]))
                 if level and i == blocks_per_level:
                     layers.append(Upsample(ch))
                 self.output_blocks.append(_Stage(*layers))
@@ -193,3 +168,56 @@ class UNet(nn.Module):
         for stage in self.output_blocks:
             h = self._run(stage, torch.cat([h, hs.pop()], dim=1), emb, context)
         return self.out(h)
+
+
+def _transformer_depths(
+    depth: int | Sequence[int],
+    levels: int,
+    attention_levels: Sequence[int],
+    num_heads: int | None,
+    head_dim: int | None,
+) -> list[int]:
+    """Transformer blocks per level, after checking the attention settings."""
+    if (num_heads is None) == (head_dim is None):
+        raise ValueError("give exactly one of num_heads (a head count) or head_dim")
+    if any(not 0 <= lvl < levels for lvl in attention_levels):
+        raise ValueError(f"attention_levels {list(attention_levels)} outside 0..{levels - 1}")
+    depths = [depth] * levels if isinstance(depth, int) else list(depth)
+    if len(depths) != levels:
+        raise ValueError(f"transformer_depth needs {levels} entries, got {len(depths)}")
+    return depths
+
+
+@dataclass
+class _Blocks:
+    """The residual and transformer blocks of one UNet configuration."""
+
+    emb_dim: int
+    num_heads: int | None
+    head_dim: int | None
+    context_dim: int | None
+    linear_projection: bool
+    norm_groups: int
+    dropout: float
+    scale_shift: bool
+    positional: bool
+
+    def transformer(self, channels: int, depth: int) -> SpatialTransformer:
+        if self.head_dim is not None:
+            heads, dim = channels // self.head_dim, self.head_dim
+        else:
+            heads, dim = self.num_heads, channels // self.num_heads
+        return SpatialTransformer(
+            channels,
+            heads,
+            dim,
+            depth,
+            self.context_dim,
+            self.linear_projection,
+            self.norm_groups,
+            self.dropout,
+            positional=self.positional,
+        )
+
+    def resblock(self, cin: int, cout: int) -> ResBlock:
+        return ResBlock(cin, self.emb_dim, cout, self.dropout, self.scale_shift, self.norm_groups)
