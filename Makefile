@@ -55,14 +55,15 @@ DDIM_GRID := num_samples=1000 reference_count=1000 'grid.eta=[0.0,0.5,1.0]' \
 
 # The DDIM paper's eta x steps table on the model of benchmark-shapes, with its network and
 # with the exact denoiser of its training latents, unguided and at guidance 3: n = 1000,
-# 3 seeds at 10-100 steps, 1 seed at 1000 steps; the few-step tables first. Runs already in
+# 3 seeds at 10-100 steps, 1 seed at 1000 steps; the few-step tables first, each network
+# table followed by its exact-denoiser twin. Runs already in
 # a part's results.json are kept (evaluate.py resume=true), so the hours it takes on a CPU
 # can be spread over several invocations.
 ddim-study: $(STAMP)  ## the DDIM eta x steps comparison, network vs exact denoiser (docs/ddim-study.md)
 	test -f $(BENCH)/ldm/checkpoints/last.ckpt || $(MAKE) benchmark-shapes
 	test -f $(BENCH)/latents/train/cache.json || $(PYTHON) -m ldm.data.latents \
 		$(BENCH)/vae/checkpoints/last.ckpt $(BENCH)/latents --data shapes --splits train
-	for part in few many; do for model in network exact; do for g in 1.0 3.0; do \
+	for part in few many; do for g in 1.0 3.0; do for model in network exact; do \
 		if [ $$part = few ]; then steps='[10,20,50,100]'; repeats=3; \
 		else steps='[1000]'; repeats=1; fi; \
 		exact=null; [ $$model = exact ] && exact=$(BENCH)/latents; \
