@@ -104,10 +104,10 @@ def plot(panels: dict[str, Runs], metric: str, out: Path, floors: dict[str, floa
             if points:
                 x, y, err = zip(*points, strict=True)
                 ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=f"eta {eta:g}")
+        ax.set_xscale("log")
         for name, value in floors.items():
             ax.axhline(value, ls="--", lw=1, color="grey")
-            ax.annotate(name, (ax.get_xlim()[0], value), fontsize=7, va="bottom")
-        ax.set_xscale("log")
+            ax.text(0.01, value, name, transform=ax.get_yaxis_transform(), fontsize=7, va="bottom")
         ax.set_xlabel("steps (NFE per guidance branch)")
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
