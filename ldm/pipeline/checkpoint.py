@@ -39,8 +39,8 @@ from ldm.io import (
     WeightsFileError,
     load_into,
     read_json,
-    read_metadata,
     read_pickle,
+    read_safetensors,
     read_weights,
     sniff,
 )
@@ -119,10 +119,6 @@ class Checkpoint:
             if any(k.startswith(prefix) for k in self.tensors):
                 return preset
         return None
-
-    def provenance(self) -> dict[str, Any]:
-        stat = self.path.stat()
-        return {"path": str(self.path), "format": self.format, "bytes": stat.st_size}
 
     # ------------------------------------------------------------ state dicts
 
@@ -245,8 +241,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     if kind == "diffusers":
         return Checkpoint(path, "diffusers", {})
     if kind == "safetensors":
-        metadata = read_metadata(path)
-        tensors = read_weights(path)
+        tensors, metadata = read_safetensors(path)
         config = yaml.safe_load(metadata[CONFIG_KEY]) if CONFIG_KEY in metadata else None
         vae_config = json.loads(metadata["vae_config"]) if "vae_config" in metadata else None
     else:
