@@ -16,7 +16,7 @@ QUICK := $(or $(LDM_OUTPUT_DIR),outputs)/quickstart
 quickstart: $(STAMP)  ## tiny VAE + latent diffusion on the built-in shapes, then DDPM vs DDIM grids
 	$(PYTHON) train.py experiment=shapes_vae name=quickstart/vae
 	test -f $(QUICK)/latents/val/cache.json || $(PYTHON) -m ldm.data.latents \
-		$(QUICK)/vae/checkpoints/last.ckpt $(QUICK)/latents --data shapes --splits train val
+		vae=$(QUICK)/vae/checkpoints/last.ckpt out=$(QUICK)/latents data=shapes 'splits=[train,val]'
 	$(PYTHON) train.py experiment=shapes_ldm name=quickstart/ldm data=latents \
 		data.dataset.root=$(QUICK)/latents data.dataset.in_memory=true trainer.max_steps=1200
 	@echo "samples (rows: prompts; columns: DDPM 100 steps, DDIM 50 steps x 2 seeds):"
@@ -41,10 +41,10 @@ benchmark-shapes: $(STAMP)  ## the shapes models trained toward their floors (~9
 		hydra.run.dir=$(BENCH)/eval
 	$(PYTHON) benchmarks/fid_floors.py $$(ls $(BENCH)/reference_stats/reference-*.safetensors | head -1) \
 		--vae $(BENCH)/vae/checkpoints/last.ckpt --n 1000  # the callback's and evaluate's: same images
-	$(PYTHON) -m ldm.tools.curves $(BENCH)/vae --out $(BENCH)/vae_curves.png \
-		--keys train/rec_loss val/rec_loss val/kl
-	$(PYTHON) -m ldm.tools.curves $(BENCH)/ldm --out $(BENCH)/ldm_curves.png \
-		--keys train/loss val/loss val/fid val/attr_shape val/attr_joint
+	$(PYTHON) -m ldm.tools.curves runs=[$(BENCH)/vae] out=$(BENCH)/vae_curves.png \
+		'keys=[train/rec_loss,val/rec_loss,val/kl]'
+	$(PYTHON) -m ldm.tools.curves runs=[$(BENCH)/ldm] out=$(BENCH)/ldm_curves.png \
+		'keys=[train/loss,val/loss,val/fid,val/attr_shape,val/attr_joint]'
 
 study: $(STAMP)  ## sampler study on analytic data: table + plots under outputs/study/
 	$(PYTHON) study.py
@@ -62,7 +62,7 @@ DDIM_GRID := num_samples=1000 reference_count=1000 'grid.eta=[0.0,0.5,1.0]' \
 ddim-study: $(STAMP)  ## the DDIM eta x steps comparison, network vs exact denoiser (docs/ddim-study.md)
 	test -f $(BENCH)/ldm/checkpoints/last.ckpt || $(MAKE) benchmark-shapes
 	test -f $(BENCH)/latents/train/cache.json || $(PYTHON) -m ldm.data.latents \
-		$(BENCH)/vae/checkpoints/last.ckpt $(BENCH)/latents --data shapes --splits train
+		vae=$(BENCH)/vae/checkpoints/last.ckpt out=$(BENCH)/latents data=shapes 'splits=[train]'
 	for part in few many; do for g in 1.0 3.0; do for model in network exact; do \
 		if [ $$part = few ]; then steps='[10,20,50,100]'; repeats=3; \
 		else steps='[1000]'; repeats=1; fi; \
@@ -77,9 +77,9 @@ ddim-study: $(STAMP)  ## the DDIM eta x steps comparison, network vs exact denoi
 
 ddim-tables:  ## the tables and plots of the DDIM study so far (mean ± sd over seeds)
 	for g in 1.0 3.0; do for model in network exact; do \
-		runs=$$(ls -d $(DDIM)/$$model-g$$g-* 2>/dev/null); [ -n "$$runs" ] || continue; \
-		$(PYTHON) -m ldm.tools.tables $$runs --metrics fid attr_joint attr_shape \
-			--paired 0 1 --out $(DDIM)/$$model-g$$g.png; \
+		runs=$$(ls -d $(DDIM)/$$model-g$$g-* 2>/dev/null | paste -sd,); [ -n "$$runs" ] || continue; \
+		$(PYTHON) -m ldm.tools.tables "runs=[$$runs]" 'metrics=[fid,attr_joint,attr_shape]' \
+			'paired=[0,1]' out=$(DDIM)/$$model-g$$g.png; \
 	done; done
 
 test: $(STAMP) lint  ## lint, then the whole test suite

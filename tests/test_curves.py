@@ -1,8 +1,10 @@
 """Training curves from the CSV logs of runs (ldm.tools.curves)."""
 
 import pytest
+from testutils import tool_config
 
-from ldm.tools.curves import main, read_metrics, smooth, table
+from ldm.app.curves import main
+from ldm.tools.curves import read_metrics, smooth, table
 
 CSV = """epoch,lr-AdamW,step,train/loss,val/loss,val/fid
 0,0.001,9,0.5,,
@@ -35,7 +37,8 @@ def test_smoothing_averages_windows_and_keeps_their_last_step():
 
 def test_cli_writes_the_plot_and_prints_the_table(tmp_path, capsys):
     out = tmp_path / "curves.png"
-    main([str(_run(tmp_path, "a")), str(_run(tmp_path, "b")), "--out", str(out)])
+    a, b = _run(tmp_path, "a"), _run(tmp_path, "b")
+    main(tool_config("curves", f"runs=[{a},{b}]", f"out={out}"))
     assert out.stat().st_size > 5_000
     printed = capsys.readouterr().out
     assert "| val/loss | val/fid | val/attr_shape | val/attr_joint |" in printed

@@ -40,9 +40,9 @@ TOOLS = {  # name -> (the command line with {bad} and {tmp}, the kind of bad fil
         "empty",
     ),
     "evaluate": ("evaluate.py checkpoint={bad} extractor=null hydra.run.dir={tmp}/run", "code"),
-    "convert": ("-m ldm.convert inspect {bad}", "truncated"),
+    "convert": ("-m ldm.convert src={bad}", "truncated"),
     "merge": ("-m ldm.tools.merge inputs=[{bad},{bad}] out={tmp}/m.safetensors", "code"),
-    "latents": ("-m ldm.data.latents {bad} {tmp}/latents", "truncated"),
+    "latents": ("-m ldm.data.latents vae={bad} out={tmp}/latents", "truncated"),
 }
 
 

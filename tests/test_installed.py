@@ -1,5 +1,9 @@
-"""ldm installed from a wheel (not editable), run from another folder: the configs ship
-inside the package and every command line starts and runs a tiny job."""
+"""ldm installed (not editable), run from another folder: the configs ship inside the
+package and every command line starts and runs a tiny job.
+
+.ci/run installs the package with ``pip install .`` into a fresh virtual environment and
+names its interpreter in LDM_INSTALLED_PYTHON; without it, the package is built into a
+wheel and installed into a bare folder that this environment's interpreter runs."""
 
 import os
 import subprocess
@@ -18,8 +22,10 @@ TRAIN = [o for o in TINY if not o.startswith("+trainer")] + ["trainer.max_steps=
 
 
 @pytest.fixture(scope="module")
-def site(tmp_path_factory):
-    """A folder holding the installed package alone (its dependencies: this environment's)."""
+def installed(tmp_path_factory) -> tuple[str, dict[str, str]]:
+    """The interpreter that runs the installed package, and its environment."""
+    if os.environ.get("LDM_INSTALLED_PYTHON"):  # a fresh venv with ``pip install .``
+        return os.environ["LDM_INSTALLED_PYTHON"], {}
     out = tmp_path_factory.mktemp("installed")
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
     build = [*pip, "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-w", str(out)]
@@ -28,42 +34,51 @@ def site(tmp_path_factory):
     target = out / "site"
     subprocess.run([*pip, "install", "--no-deps", "--target", str(target), str(wheel)],
                    check=True, capture_output=True, timeout=300)  # fmt: skip
-    return target
+    return sys.executable, {"PYTHONPATH": str(target)}  # its dependencies: this environment's
 
 
-def _run(site: Path, cwd: Path, *args: str) -> str:
-    env = {**os.environ, "PYTHONPATH": str(site), "LDM_OUTPUT_DIR": str(cwd / "outputs")}
+def _run(installed: tuple[str, dict[str, str]], cwd: Path, *args: str) -> str:
+    python, extra = installed
+    env = {**os.environ, **extra, "LDM_OUTPUT_DIR": str(cwd / "outputs")}
     done = subprocess.run(
-        [sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+        [python, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, f"{args[:2]}: {done.stderr[-3000:]}"
     return done.stdout + done.stderr
 
 
-def test_the_installed_package_runs_every_command_line(site, tmp_path):
-    where = _run(site, tmp_path, "-c", "import ldm; print(ldm.__file__, ldm.CONF_DIR.is_dir())")
-    assert where.startswith(str(site)) and "True" in where  # not the repository's ldm/
-    _run(site, tmp_path, "-m", "ldm.train", "task=vae", *TRAIN, "hydra.run.dir=vae")
+def test_the_installed_package_runs_every_command_line(installed, tmp_path):
+    where = _run(
+        installed, tmp_path, "-c", "import ldm; print(ldm.__file__, ldm.CONF_DIR.is_dir())"
+    )
+    assert not where.startswith(str(ROOT)) and "True" in where  # not the repository's ldm/
+    _run(installed, tmp_path, "-m", "ldm.train", "task=vae", *TRAIN, "hydra.run.dir=vae")
     vae = tmp_path / "vae" / "checkpoints" / "last.ckpt"
-    _run(site, tmp_path, "-m", "ldm.train", f"vae_checkpoint={vae}", *TRAIN, "hydra.run.dir=ldm")
+    _run(
+        installed, tmp_path, "-m", "ldm.train", f"vae_checkpoint={vae}", *TRAIN, "hydra.run.dir=ldm"
+    )
     ldm = tmp_path / "ldm" / "checkpoints" / "last.ckpt"
-    _run(site, tmp_path, "-m", "ldm.sample", f"checkpoint={ldm}", "prompts=[a red circle]",
+    _run(installed, tmp_path, "-m", "ldm.sample", f"checkpoint={ldm}", "prompts=[a red circle]",
          "num_per_prompt=1", "sampler.steps=2", "hydra.run.dir=samples")  # fmt: skip
     assert (tmp_path / "samples" / "grid.png").is_file()
-    _run(site, tmp_path, "-m", "ldm.evaluate", f"checkpoint={ldm}", "extractor=tiny",
+    _run(installed, tmp_path, "-m", "ldm.evaluate", f"checkpoint={ldm}", "extractor=tiny",
          "num_samples=4", "attributes=false", "grid.steps=[2]", "data.dataset.size=16",
          "data.dataset.num_samples=[64,8,8]", "hydra.run.dir=eval")  # fmt: skip
     assert (tmp_path / "eval" / "results.md").is_file()
-    _run(site, tmp_path, "-m", "ldm.tools.merge", "method=weighted", f"inputs=[{ldm},{ldm}]",
+    _run(installed, tmp_path, "-m", "ldm.tools.tables", "runs=[eval]", "out=fid.png")
+    _run(installed, tmp_path, "-m", "ldm.tools.curves", "runs=[ldm]", "out=curves.png",
+         "keys=[train/loss]")  # fmt: skip
+    assert (tmp_path / "fid.png").is_file() and (tmp_path / "curves.png").is_file()
+    _run(installed, tmp_path, "-m", "ldm.tools.merge", "method=weighted", f"inputs=[{ldm},{ldm}]",
          f"out={tmp_path / 'merged.safetensors'}")  # fmt: skip
-    _run(site, tmp_path, "-m", "ldm.convert", "inspect", str(tmp_path / "merged.safetensors"))
-    _run(site, tmp_path, "-m", "ldm.data.latents", str(vae), str(tmp_path / "latents"),
-         "dataset.size=16", "dataset.num_samples=[64,8,8]", "--splits", "val")  # fmt: skip
+    _run(installed, tmp_path, "-m", "ldm.convert", f"src={tmp_path / 'merged.safetensors'}")
+    _run(installed, tmp_path, "-m", "ldm.data.latents", f"vae={vae}", "out=latents",
+         "data.dataset.size=16", "data.dataset.num_samples=[64,8,8]", "splits=[val]")  # fmt: skip
     assert (tmp_path / "latents" / "val" / "cache.json").is_file()
     photos = tmp_path / "photos"
     photos.mkdir()
     for i in range(3):
         Image.new("RGB", (64, 64), (80 * i, 40, 200)).save(photos / f"{i}.png")
-    _run(site, tmp_path, "-m", "ldm.data.prepare", str(photos), str(tmp_path / "shards"),
+    _run(installed, tmp_path, "-m", "ldm.data.prepare", "src=photos", "out=shards",
          "progress=false", "near_duplicate_bits=null")  # fmt: skip
     assert any((tmp_path / "shards").rglob("*.tar"))

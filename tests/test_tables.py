@@ -3,8 +3,10 @@
 import json
 
 import pytest
+from testutils import tool_config
 
-from ldm.tools.tables import main, mean_sd, read_runs, table
+from ldm.app.tables import main
+from ldm.tools.tables import mean_sd, read_runs, table
 
 
 def _run(tmp_path, name, guidance=1.0):
@@ -42,8 +44,12 @@ def test_one_guidance_per_table_and_missing_results_are_named(tmp_path):
 def test_cli_prints_percent_tables_and_plots_panels(tmp_path, capsys):
     out = tmp_path / "fid.png"
     a, b = _run(tmp_path, "a"), _run(tmp_path, "b", guidance=3.0)
-    panels = ["--panels", "g1", "g3", "--metrics", "fid", "attr_joint"]
-    main([str(a), str(b), *panels, "--floor", "recon", "12", "--out", str(out)])
+    main(
+        tool_config(
+            "tables", f"runs=[{a},{b}]", "panels=[g1,g3]", "metrics=[fid,attr_joint]",
+            "floors={recon: 12}", f"out={out}",
+        )
+    )  # fmt: skip
     printed = capsys.readouterr().out
     assert "g3: attr_joint (%)" in printed and "| 10 | 2 | 50.0 ± 0.0 | 50.0 ± 0.0 |" in printed
     assert out.stat().st_size > 5_000

@@ -25,3 +25,14 @@ TINY_SD_UNET = dict(
     context_dim=16,
     norm_groups=8,
 )
+
+
+def tool_config(name: str, *overrides: str):
+    """The config a command-line tool composes from conf/<name>.yaml and ``overrides``
+    (pass it to the tool's ``main`` to run it in-process)."""
+    from hydra import compose, initialize_config_dir
+
+    from ldm import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(name, overrides=list(overrides))

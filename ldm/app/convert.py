@@ -1,8 +1,8 @@
-"""``python -m ldm.convert``: inspect and convert Stable Diffusion weights.
+"""``python -m ldm.convert``: inspect and convert Stable Diffusion weights (conf/convert.yaml).
 
-    python -m ldm.convert inspect model.safetensors
-    python -m ldm.convert to-diffusers model.safetensors out_dir/    # original -> diffusers
-    python -m ldm.convert from-diffusers pipeline_dir/ model.safetensors  # -> original layout
+    python -m ldm.convert action=inspect src=model.safetensors
+    python -m ldm.convert action=to-diffusers src=model.safetensors out=out_dir/
+    python -m ldm.convert action=from-diffusers src=pipeline_dir/ out=model.safetensors
 
 Our modules use the original layout, so ``from-diffusers`` writes a single file that
 original-layout tools load too; the constructor configs go into its metadata.
@@ -10,11 +10,13 @@ original-layout tools load too; the constructor configs go into its metadata.
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from pathlib import Path
 
+import hydra
+from omegaconf import DictConfig
+
+from ldm.app import CONFIG_PATH, reported
 from ldm.convert.stable_diffusion import (
     PREFIXES,
     infer_unet_config,
@@ -87,39 +89,22 @@ def _from_diffusers(src: Path, out: Path) -> None:
     print(f"wrote {out} ({', '.join(k[:-7] for k in metadata)}; configs in its metadata)")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m ldm.convert", description=__doc__.split("\n")[0]
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    inspect = sub.add_parser("inspect", help="what a file or diffusers folder holds")
-    inspect.add_argument("path", type=Path)
-    to = sub.add_parser("to-diffusers", help="original single file -> diffusers folder")
-    to.add_argument("src", type=Path)
-    to.add_argument("out", type=Path)
-    to.add_argument(
-        "--vae-scale-factor",
-        type=float,
-        default=SD_VAE_SCALE,
-        help="latent scale of the VAE, which weights do not record (SD 1.x / 2.x: 0.18215, "
-        "SDXL: 0.13025)",
-    )
-    back = sub.add_parser("from-diffusers", help="diffusers folder -> original-layout file")
-    back.add_argument("src", type=Path)
-    back.add_argument("out", type=Path)
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "inspect":
-            _inspect(args.path)
-        elif args.command == "to-diffusers":
-            _to_diffusers(args.src, args.out, args.vae_scale_factor)
-        else:
-            _from_diffusers(args.src, args.out)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    return 0
+ACTIONS = ("inspect", "to-diffusers", "from-diffusers")
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="convert")
+@reported(ValueError)
+def main(cfg: DictConfig) -> None:
+    """``python -m ldm.convert action=... src=... [out=...]`` (conf/convert.yaml)."""
+    if cfg.action not in ACTIONS:
+        raise ValueError(f"action={cfg.action} is not one of {', '.join(ACTIONS)}")
+    src = Path(cfg.src)
+    if cfg.action == "inspect":
+        _inspect(src)
+        return
+    if cfg.out is None:
+        raise ValueError(f"action={cfg.action} writes to out=...; add it")
+    if cfg.action == "to-diffusers":
+        _to_diffusers(src, Path(cfg.out), cfg.vae_scale_factor or SD_VAE_SCALE)
+    else:
+        _from_diffusers(src, Path(cfg.out))

@@ -8,11 +8,14 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import hydra
 import lightning as L
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
+from ldm.app import CONFIG_PATH, reported
 from ldm.app.sample import load_model
 from ldm.metrics.attributes import attribute_judge, headline
 from ldm.metrics.extractors import make_extractor
@@ -143,3 +146,10 @@ def previous_runs(out_dir: str | Path, meta: dict[str, Any]) -> list[dict[str, A
             "start over there."
         )
     return list(saved.get("runs", []))
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="evaluate")
+@reported()  # a bad weights file: one line naming it, no traceback
+def main(cfg: DictConfig) -> None:
+    """``python -m ldm.evaluate``: score a checkpoint over a sampler grid (conf/evaluate.yaml)."""
+    evaluate(cfg, HydraConfig.get().runtime.output_dir)

@@ -16,12 +16,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+import hydra
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torchvision.utils import make_grid, save_image
 
 from ldm import CONF_DIR
+from ldm.app import CONFIG_PATH, reported
 from ldm.convert.lora import read_any, split_spec
 from ldm.io import WeightsFileError
 from ldm.models.textual_inversion import load_embeddings
@@ -145,3 +148,10 @@ def sample(cfg: DictConfig, out_dir: str | Path) -> list[Path]:
     (out_dir / "settings.json").write_text(json.dumps(settings, indent=2))
     print(f"wrote {len(paths)} images and grid.png to {out_dir} ({seconds:.1f} s sampling)")
     return paths
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="sample")
+@reported()  # a bad weights file: one line naming it, no traceback
+def main(cfg: DictConfig) -> None:
+    """``python -m ldm.sample``: sample a trained model (conf/sample.yaml)."""
+    sample(cfg, HydraConfig.get().runtime.output_dir)

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import hydra
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from ldm.app import CONFIG_PATH, reported
 from ldm.studies.analytic import (
     markdown_table,
     plot_error_vs_nfe,
@@ -43,3 +46,10 @@ def study(cfg: DictConfig, out_dir: str | Path) -> None:
     print(markdown_table(rows))
     print(f"\nwrote {', '.join(str(p) for p in paths.values())}")
     print(f"plots {out_dir / 'samples.png'}, {out_dir / 'error_vs_nfe.png'}")
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="study")
+@reported()  # a bad weights file: one line naming it, no traceback
+def main(cfg: DictConfig) -> None:
+    """``python -m ldm.study``: the sampler study on analytic data (conf/study.yaml)."""
+    study(cfg, HydraConfig.get().runtime.output_dir)

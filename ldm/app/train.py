@@ -5,11 +5,14 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import hydra
 import lightning as L
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from ldm.app import CONFIG_PATH, reported
 from ldm.data.latents import fingerprint, read_cache_info
 from ldm.training.callbacks import AtomicCheckpointIO, SavedConfig
 from ldm.training.checkpoints import load_vae, resolve_resume
@@ -95,3 +98,10 @@ def train(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
         print(f"resuming from {ckpt_path}")
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
     return trainer
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
+@reported()  # a bad weights file: one line naming it, no traceback
+def main(cfg: DictConfig) -> None:
+    """``python -m ldm.train``: train the autoencoder or the diffusion model (conf/train.yaml)."""
+    train(cfg, HydraConfig.get().runtime.output_dir)

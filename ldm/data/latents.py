@@ -235,4 +235,4 @@ def latent_cache(
 if __name__ == "__main__":  # the command line lives with the other tools' (ldm.app)
     from ldm.app.latents import main
 
-    raise SystemExit(main())
+    main()

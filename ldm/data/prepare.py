@@ -1,4 +1,4 @@
-"""python -m ldm.data.prepare SRC OUT [key=value ...]
+"""python -m ldm.data.prepare src=SRC out=OUT [key=value ...]
 
 Turn a folder of images into WebDataset shards with fixed train / val / test splits:
 every file under SRC is decoded (upright RGB); empty, non-image, corrupt, truncated and
@@ -7,7 +7,8 @@ hash within a few bits) are left out with a reason; captions and labels come fro
 folder as ``ldm.data.folder.scan_folder`` reads it. A file's split is fixed by its pixels'
 hash alone, so re-runs and added files never move an image between splits.
 Writes OUT/{train,val,test}/{split}-000000.tar, ... and OUT/manifest.json.
-Settings: conf/prepare.yaml, overridden as key=value (e.g. size=256 val_fraction=0.1).
+Settings: conf/prepare.yaml, overridden as key=value (e.g. size=256 val_fraction=0.1);
+the command line is ldm.app.prepare.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import json
 import multiprocessing
 import os
 import shutil
-import sys
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -30,16 +30,12 @@ from pathlib import Path
 from typing import get_args
 
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.errors import HydraException
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 from PIL import Image
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 from webdataset import TarWriter
 
-from ldm import CONF_DIR, __version__
+from ldm import __version__
 from ldm.data.builtin import SPLITS
 from ldm.data.folder import METADATA_FILES, Record, scan_folder
 from ldm.data.images import is_image_file, open_image
@@ -414,43 +410,7 @@ def summary(manifest: dict) -> str:
     return text + " Every file and its fate is listed in manifest.json."
 
 
-def usage() -> str:
-    config = CONF_DIR / "prepare.yaml"
-    return f"{__doc__.strip()}\n\nSettings ({config}):\n\n{config.read_text()}"
+if __name__ == "__main__":  # the command line lives with the other tools' (ldm.app)
+    from ldm.app.prepare import main
 
-
-def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else list(argv)
-    if any(arg in ("-h", "--help") for arg in args):
-        print(usage())
-        return 0
-    positional = args[:2]
-    overrides = args[2:]
-    try:
-        if len(positional) < 2 or any("=" not in arg for arg in overrides):
-            raise ValueError(
-                "usage: python -m ldm.data.prepare SRC OUT [key=value ...] "
-                "(SRC and OUT first, then settings as key=value; --help lists them)"
-            )
-        unknown = [a for a in overrides if a.split("=", 1)[0].lstrip("+~") not in SETTINGS]
-        if unknown:
-            raise ValueError(
-                f"unknown setting in {', '.join(unknown)}; the settings are "
-                f"{', '.join(SETTINGS)} (--help describes them)"
-            )
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            settings = OmegaConf.to_container(compose("prepare", overrides=overrides))
-        manifest = prepare(*positional, **settings)
-    except (HydraException, OmegaConfBaseException) as err:
-        print(f"error: cannot read the settings {' '.join(overrides)}: {err}", file=sys.stderr)
-        return 1
-    except (ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    print(summary(manifest))
-    print(f"Wrote {Path(positional[1]).resolve() / MANIFEST}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -2,18 +2,15 @@
 markdown table of the sparse metrics (validation, FID, attributes) at each step they were
 logged.
 
-    python -m ldm.tools.curves outputs/shapes_vae outputs/shapes_ldm --out curves.png
+    python -m ldm.tools.curves runs=[outputs/shapes_vae,outputs/shapes_ldm] out=curves.png
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import math
 from collections.abc import Sequence
 from pathlib import Path
-
-DEFAULT_KEYS = ("train/loss", "val/loss", "val/fid", "val/attr_shape", "val/attr_joint")
 
 
 def read_metrics(run: str | Path) -> dict[str, list[tuple[int, float]]]:
@@ -92,19 +89,20 @@ def plot(
     plt.close(fig)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", nargs="+", help="run directories (outputs/<name>)")
-    parser.add_argument("--keys", nargs="+", default=list(DEFAULT_KEYS), help="metrics to plot")
-    parser.add_argument("--out", type=Path, default=Path("curves.png"), help="the plot")
-    parser.add_argument("--window", type=int, default=20, help="train-loss smoothing, points")
-    args = parser.parse_args(argv)
-    runs = {str(run): read_metrics(run) for run in args.runs}
-    plot(runs, args.keys, args.out, args.window)
-    sparse = [k for k in args.keys if not k.startswith("train/")]
-    print(table(runs, sparse))
-    print(f"wrote {args.out}")
+def report(
+    runs: Sequence[str | Path],
+    keys: Sequence[str],
+    out: str | Path,
+    window: int,
+) -> None:
+    """Plot ``keys`` of ``runs`` to ``out``; print the table of the sparse ones."""
+    series = {str(run): read_metrics(run) for run in runs}
+    plot(series, list(keys), Path(out), window)
+    print(table(series, [k for k in keys if not k.startswith("train/")]))
+    print(f"wrote {out}")
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # the command line lives with the other tools' (ldm.app)
+    from ldm.app.curves import main
+
     main()

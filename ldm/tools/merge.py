@@ -17,7 +17,6 @@ input's training config when it had one, so ``sample.py`` and ``base=`` read it.
 from __future__ import annotations
 
 import json
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -26,7 +25,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ldm import CONF_DIR
 from ldm.convert.lora import read_any, split_spec
 from ldm.io import WeightsFileError, file_digest, read_metadata, save_safetensors
 from ldm.nn.lora import layer_alpha, low_rank_delta
@@ -198,33 +196,7 @@ def merge(
     return save_safetensors(out, merged, metadata)
 
 
-def main(argv: list[str] | None = None) -> int:
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
+if __name__ == "__main__":  # the command line lives with the other tools' (ldm.app)
+    from ldm.app.merge import main
 
-    args = sys.argv[1:] if argv is None else list(argv)
-    if not args or any(a in ("-h", "--help") for a in args):
-        print(__doc__)
-        return 0
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = OmegaConf.to_container(compose("merge", overrides=args), resolve=True)
-        path = merge(
-            cfg["method"],
-            cfg["inputs"],
-            cfg["out"],
-            weights=cfg["weights"],
-            alpha=cfg["alpha"],
-            adapters=cfg["adapters"],
-        )
-    except (HydraException, OmegaConfBaseException, ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    print(f"wrote {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    main()

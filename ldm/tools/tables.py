@@ -2,14 +2,12 @@
 (generation seeds), the paired difference of two eta values seed by seed, and a plot of
 the metric against the step count, one line per eta.
 
-    python -m ldm.tools.tables outputs/ddim_study/network-g1.0-few \\
-        outputs/ddim_study/network-g1.0-many --metrics fid attr_joint --paired 0 1 \\
-        --out fid.png
+    python -m ldm.tools.tables runs=[outputs/ddim_study/network-g1.0-few,\\
+        outputs/ddim_study/network-g1.0-many] metrics=[fid,attr_joint] paired=[0,1] out=fid.png
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 from collections.abc import Sequence
@@ -119,34 +117,35 @@ def plot(panels: dict[str, Runs], metric: str, out: Path, floors: dict[str, floa
     plt.close(fig)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", nargs="+", help="evaluate.py run folders or results.json files")
-    parser.add_argument("--metrics", nargs="+", default=["fid"], help="e.g. fid attr_joint")
-    parser.add_argument("--paired", nargs=2, type=float, help="eta a and b: a column a - b")
-    parser.add_argument(
-        "--panels", nargs="+", help="group the runs into panels: one name per run, in order"
-    )
-    parser.add_argument("--floor", nargs=2, action="append", default=[], metavar=("NAME", "FID"))
-    parser.add_argument("--out", type=Path, help="the plot of the first metric (PNG)")
-    args = parser.parse_args(argv)
-    names = args.panels or ["all"] * len(args.runs)
-    if len(names) != len(args.runs):
-        raise SystemExit(f"--panels names {len(names)} panels for {len(args.runs)} runs")
-    panels: dict[str, Runs] = {}
-    for name, run in zip(names, args.runs, strict=True):
-        panels.setdefault(name, []).extend(read_runs([run]))
-    for name, runs in panels.items():
-        for metric in args.metrics:
+def report(
+    runs: Sequence[str | Path],
+    metrics: Sequence[str],
+    paired: Sequence[float] | None = None,
+    panels: Sequence[str] | None = None,
+    floors: dict[str, float] | None = None,
+    out: str | Path | None = None,
+) -> None:
+    """Print each panel's table per metric; plot the first metric to ``out``."""
+    names = list(panels or ["all"] * len(runs))
+    if len(names) != len(runs):
+        raise ValueError(f"panels names {len(names)} panels for {len(runs)} runs; give one each")
+    grouped: dict[str, Runs] = {}
+    for name, run in zip(names, runs, strict=True):
+        grouped.setdefault(name, []).extend(read_runs([run]))
+    pair = tuple(paired) if paired else None
+    if pair is not None and len(pair) != 2:
+        raise ValueError(f"paired={list(pair)} must name two eta values, e.g. paired=[0,1]")
+    for name, panel in grouped.items():
+        for metric in metrics:
             percent = metric.startswith("attr_")
             print(f"\n{name}: {metric}{' (%)' if percent else ''}, mean ± sd over repeats\n")
-            paired = tuple(args.paired) if args.paired else None
-            print(table(runs, metric, paired, scale=100.0 if percent else 1.0))
-    if args.out:
-        floors = {name: float(value) for name, value in args.floor}
-        plot(panels, args.metrics[0], args.out, floors)
-        print(f"\nwrote {args.out}")
+            print(table(panel, metric, pair, scale=100.0 if percent else 1.0))
+    if out:
+        plot(grouped, metrics[0], Path(out), {k: float(v) for k, v in (floors or {}).items()})
+        print(f"\nwrote {out}")
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # the command line lives with the other tools' (ldm.app)
+    from ldm.app.tables import main
+
     main()

@@ -9,14 +9,15 @@ import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
 from safetensors import safe_open
+from testutils import tool_config
 from trainutils import CONF, TINY_ANY_DATA, compose_train
 
+from ldm.app.merge import main as merge_main
 from ldm.app.sample import load_model, sample
 from ldm.app.train import build, train
 from ldm.diffusion.samplers import make_sampler
 from ldm.io import save_safetensors
 from ldm.nn.lora import adapter_parameters, inject_lora, save_adapter, set_adapter_weights
-from ldm.tools.merge import main as merge_main
 from ldm.tools.merge import merge, read_checkpoint
 from ldm.training.finetune import ensure_class_images
 
@@ -194,17 +195,12 @@ def test_merging(tmp_path, base):
     merged, carried = read_checkpoint(out)
     assert all(torch.equal(merged[k], v) for k, v in first.items())
     assert "ldm_config" in carried  # sample.py and base= can read the result
-    assert (
-        merge_main(
-            [
-                "method=add_difference",
-                f"inputs=[{a},{b},{c}]",
-                "alpha=0.0",
-                f"out={tmp_path / 'd.safetensors'}",
-            ]
+    merge_main(
+        tool_config(
+            "merge", "method=add_difference", f"inputs=[{a},{b},{c}]", "alpha=0.0",
+            f"out={tmp_path / 'd.safetensors'}",
         )
-        == 0
-    )
+    )  # fmt: skip
     merged, _ = read_checkpoint(tmp_path / "d.safetensors")
     assert all(torch.equal(merged[k], v) for k, v in first.items())
     with safe_open(str(tmp_path / "d.safetensors"), "pt") as handle:
