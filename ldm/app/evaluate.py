@@ -13,20 +13,17 @@ import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from torch import Tensor
 
 from ldm.app import CONFIG_PATH, reported
 from ldm.app.sample import load_model
-from ldm.metrics.attributes import attribute_judge, headline
-from ldm.metrics.extractors import make_extractor
-from ldm.metrics.reference import (
-    content_digest,
-    provenance,
-    read_reference,
-    reference_features,
-    source_config,
+from ldm.metrics.attributes import headline
+from ldm.metrics.sweep import (
+    build_evaluator,
+    grid_points,
+    markdown_table,
+    summarize,
+    write_results,
 )
-from ldm.metrics.sweep import Evaluator, grid_points, markdown_table, summarize, write_results
 
 
 def evaluate(cfg: DictConfig, out_dir: str | Path) -> list[dict[str, Any]]:
@@ -34,34 +31,34 @@ def evaluate(cfg: DictConfig, out_dir: str | Path) -> list[dict[str, Any]]:
     fid_vs_nfe.png into ``out_dir``. Returns the per-run rows."""
     fabric = L.Fabric(**cfg.fabric)
     fabric.launch()
-    data = instantiate(cfg.data)
-    split = data.dataset(cfg.split)
-    extractor = make_extractor(cfg.extractor).to(fabric.device) if cfg.extractor else None
-    reference = _reference(cfg, data, split, extractor, fabric, out_dir)
     pipeline = load_model(cfg).to(fabric.device)
-    clip = instantiate(cfg.clip).to(fabric.device) if cfg.clip else None
-    judge = attribute_judge(
-        cfg.attributes,
-        split,
-        pipeline.image_size[0],
-        cfg.cache_dir,
-        pipeline.conditioner,
-        cfg.get("attribute_classifier"),
-    )
-    evaluator = Evaluator(
-        reference.to(fabric.device) if reference is not None else None,
-        split,
-        extractor,
+    evaluator, reference = build_evaluator(
+        instantiate(cfg.data),
+        cfg.split,
+        image_size=pipeline.image_size[0],
+        conditioner=pipeline.conditioner,
+        extractor=cfg.extractor,
         num_samples=cfg.num_samples,
+        cache_dir=cfg.cache_dir,
+        reference_count=cfg.reference_count,
+        reference_stats=cfg.reference_stats,
+        attributes=cfg.attributes,
+        attribute_classifier=cfg.get("attribute_classifier"),
+        device=fabric.device,
         batch_size=cfg.batch_size,
         seed=cfg.seed,
         rank=fabric.global_rank,
         world_size=fabric.world_size,
         kid_subset_size=cfg.kid_subset_size,
         pr_k=cfg.get("precision_recall_k"),
-        clip=clip,
-        attributes=judge.to(fabric.device) if judge is not None else None,
+        clip=instantiate(cfg.clip).to(fabric.device) if cfg.clip else None,
     )
+    if fabric.global_rank == 0:  # what the scores are against, before any is made
+        if "extracted" in reference:
+            how = "extracted" if reference.pop("extracted") else "reused from the cache"
+            print(f"reference statistics: {how} ({reference['count']} samples)", flush=True)
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / "provenance.json").write_text(json.dumps(reference, indent=2, default=str))
     meta = OmegaConf.to_container(cfg, resolve=True) | {"world_size": fabric.world_size}
     rows = previous_runs(out_dir, meta) if cfg.get("resume", True) else []
     done = {_run_key(row) for row in rows}
@@ -82,40 +79,6 @@ def evaluate(cfg: DictConfig, out_dir: str | Path) -> list[dict[str, Any]]:
         print(markdown_table(summarize(rows)))
         print(f"wrote {', '.join(str(p) for p in paths.values())}")
     return rows
-
-
-def _reference(
-    cfg: DictConfig, data: Any, split: Any, extractor: Any, fabric: L.Fabric, out_dir: str | Path
-) -> Tensor | None:
-    """The held-out split's reference features (``cfg.reference_stats``, else the cache,
-    else extracted now); None without an extractor. Rank 0 writes provenance.json first."""
-    dataset_config = source_config(data.factory)  # as the FID callback describes it
-    count = min(cfg.reference_count or cfg.num_samples, len(split))
-    common = dict(dataset_config=dataset_config, split=cfg.split, count=count)
-    reference = None  # stays None without an extractor: attributes (and CLIP score) only
-    if extractor is not None and cfg.reference_stats:  # its provenance must match this run
-        expected = provenance(
-            dataset_config, cfg.split, count, extractor, content_digest(split, count)
-        )
-        reference, _ = read_reference(cfg.reference_stats, expected)
-    elif extractor is not None:
-        reference, _, extracted = reference_features(
-            split,
-            extractor,
-            **common,
-            cache_dir=cfg.cache_dir,
-            batch_size=cfg.batch_size,
-            device=fabric.device,
-            rank=fabric.global_rank,
-            world_size=fabric.world_size,
-        )
-        if fabric.global_rank == 0:
-            how = "extracted" if extracted else "reused from the cache"
-            print(f"reference statistics: {how} ({count} samples)", flush=True)
-    if fabric.global_rank == 0:  # what the scores are against, before any is made
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        (Path(out_dir) / "provenance.json").write_text(json.dumps(common, indent=2, default=str))
-    return reference
 
 
 # What a run's scores depend on besides its grid point and repeat; the grid, the repeats and

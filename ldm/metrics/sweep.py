@@ -27,8 +27,15 @@ from torch.utils.data import Dataset
 
 from ldm.diffusion.samplers import get_sampler, make_sampler
 from ldm.metrics.attributes import RESULT_KEYS as ATTRIBUTE_KEYS
-from ldm.metrics.attributes import AttributeAccuracy, AttributeJudge
-from ldm.metrics.extractors import FeatureExtractor, to_uint8
+from ldm.metrics.attributes import AttributeAccuracy, AttributeJudge, attribute_judge
+from ldm.metrics.extractors import FeatureExtractor, make_extractor, to_uint8
+from ldm.metrics.reference import (
+    content_digest,
+    provenance,
+    read_reference,
+    reference_features,
+    source_config,
+)
 from ldm.metrics.scores import GenerativeMetrics
 from ldm.pipeline import Pipeline
 from ldm.seeding import stable_seed
@@ -190,6 +197,59 @@ class Evaluator:
             "seconds_per_image": seconds / max(1, len(mine)),  # this rank's share
             **result,
         }
+
+
+def build_evaluator(
+    data: Any,  # a DataModule: .dataset(split), and .factory for the reference's provenance
+    split: str,
+    *,
+    image_size: int,
+    conditioner: Any,  # the model's (attributes are judged for caption-conditioned models)
+    extractor: str | None,  # a make_extractor spec; None: no feature metrics
+    num_samples: int,
+    cache_dir: str | Path,
+    reference_count: int | None = None,  # default num_samples (at most the split's size)
+    reference_stats: str | Path | None = None,  # given statistics (their provenance must match)
+    attributes: bool | str | None = "auto",
+    attribute_classifier: Mapping[str, Any] | None = None,
+    device: torch.device | str = "cpu",
+    **settings: Any,  # the Evaluator's: batch_size, seed, rank, world_size, kid_subset_size, ...
+) -> tuple[Evaluator, dict[str, Any]]:
+    """The Evaluator that evaluate.py and the FID callback both use, and what its reference
+    is: ``{"dataset_config", "split", "count", "extracted"}``. Reference statistics are
+    shared through ``cache_dir`` (one provenance, ``source_config(data.factory)``);
+    "extracted" (whether they were extracted now) is absent for ``reference_stats``."""
+    conditions = data.dataset(split)
+    count = min(reference_count or num_samples, len(conditions))
+    about = {"dataset_config": source_config(data.factory), "split": split, "count": count}
+    features, reference = None, None
+    if extractor is not None:
+        features = make_extractor(extractor).to(device)
+        if reference_stats:
+            digest = content_digest(conditions, count)
+            expected = provenance(about["dataset_config"], split, count, features, digest)
+            reference, _ = read_reference(reference_stats, expected)
+        else:
+            rank_settings = {k: settings[k] for k in ("rank", "world_size") if k in settings}
+            reference, _, about["extracted"] = reference_features(
+                conditions,
+                features,
+                **about,
+                cache_dir=cache_dir,
+                batch_size=settings.get("batch_size", 64),
+                device=device,
+                **rank_settings,
+            )
+        reference = reference.to(device)
+    judge = attribute_judge(
+        attributes, conditions, image_size, cache_dir, conditioner, attribute_classifier
+    )
+    if judge is not None:
+        judge = judge.to(device)
+    evaluator = Evaluator(
+        reference, conditions, features, num_samples=num_samples, attributes=judge, **settings
+    )
+    return evaluator, about
 
 
 # --------------------------------------------------------------------------- results

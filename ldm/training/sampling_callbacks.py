@@ -229,51 +229,25 @@ class FIDCallback(L.Callback):
         self._last_step = -1
 
     def _setup(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        from ldm.metrics.attributes import attribute_judge
-        from ldm.metrics.extractors import make_extractor
-        from ldm.metrics.reference import reference_features, source_config
-        from ldm.metrics.sweep import Evaluator
+        from ldm.metrics.sweep import build_evaluator
 
-        datamodule = trainer.datamodule
-        split = datamodule.dataset(self.split)
-        cache_dir = self.cache_dir or Path(trainer.default_root_dir) / "reference_stats"
-        extractor, reference = None, None
-        if self.extractor_spec:
-            extractor = make_extractor(self.extractor_spec).to(pl_module.device)
-            count = min(self.num_samples, len(split))
-            reference, _, _ = reference_features(
-                split,
-                extractor,
-                dataset_config=source_config(datamodule.factory),  # as evaluate.py does
-                split=self.split,
-                count=count,
-                cache_dir=cache_dir,
-                batch_size=self.batch_size,
-                device=pl_module.device,
-                rank=trainer.global_rank,
-                world_size=trainer.world_size,
-            )
-            reference = reference.to(pl_module.device)
-        judge = attribute_judge(
-            self.attributes,
-            split,
-            pl_module.image_size[0],
-            cache_dir,
-            pl_module.conditioner,
-            self.attribute_classifier,
-        )
-        self.evaluator = Evaluator(
-            reference,
-            split,
-            extractor,
+        self.evaluator, _ = build_evaluator(
+            trainer.datamodule,
+            self.split,
+            image_size=pl_module.image_size[0],
+            conditioner=pl_module.conditioner,
+            extractor=self.extractor_spec,
             num_samples=self.num_samples,
+            cache_dir=self.cache_dir or Path(trainer.default_root_dir) / "reference_stats",
+            attributes=self.attributes,
+            attribute_classifier=self.attribute_classifier,
+            device=pl_module.device,
             batch_size=self.batch_size,
             seed=self.seed,
             rank=trainer.global_rank,
             world_size=trainer.world_size,
             kid_subset_size=min(1000, self.num_samples),
             pr_k=None,  # only FID and KID are logged
-            attributes=judge.to(pl_module.device) if judge is not None else None,
         )
 
     def on_train_batch_end(
