@@ -27,10 +27,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
-from webdataset import TarWriter
 
 from ldm.data.builtin import check_split
-from ldm.data.wds import WebDatasetSource
+from ldm.data.wds import ShardWriter, WebDatasetSource
 
 ARRAYS = ("moments", "context", "pooled")  # what a cached sample may hold, as .npy
 INFO = "cache.json"
@@ -40,6 +39,44 @@ def _npy(array: Tensor) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, array.numpy(), allow_pickle=False)
     return buffer.getvalue()
+
+
+class _LatentStats:
+    """Mean and standard deviation of z = mean + std * noise over every latent value (the
+    scale factor that gives unit variance is 1 / latent_std), accumulated in float64."""
+
+    def __init__(self):
+        self.mean_sum = self.square_sum = self.variance_sum = 0.0
+        self.values = 0
+
+    def update(self, mean: torch.Tensor, variance: torch.Tensor) -> None:
+        self.mean_sum += mean.double().sum().item()
+        self.square_sum += mean.double().square().sum().item()
+        self.variance_sum += variance.double().sum().item()
+        self.values += mean.numel()
+
+    def result(self) -> dict[str, float]:
+        mean = self.mean_sum / self.values
+        variance_of_means = self.square_sum / self.values - mean * mean
+        std = math.sqrt(variance_of_means + self.variance_sum / self.values)
+        return {"latent_mean": mean, "latent_std": std}
+
+
+def _sample(
+    batch: dict, i: int, moments: torch.Tensor, text: dict, dtype: torch.dtype
+) -> dict[str, str | bytes]:
+    """Sample ``i`` of a batch as shard files: its posterior moments, caption, label and
+    (with a text encoder) context / pooled embedding."""
+    sample = {
+        "__key__": str(batch["key"][i]),
+        "moments.npy": _npy(moments.to(dtype)),
+        "txt": str(batch["caption"][i]).encode("utf-8"),
+        "cls": str(int(batch["label"][i])).encode(),
+    }
+    for name in ("context", "pooled"):
+        if name in text:
+            sample[f"{name}.npy"] = _npy(text[name][i].detach().float().cpu().to(dtype))
+    return sample
 
 
 @torch.no_grad()
@@ -70,56 +107,29 @@ def cache_latents(
     vae = vae.eval().to(device)
     if text_encoder is not None:
         text_encoder = text_encoder.eval().to(device)
-    count, shard, writer = 0, 0, None
-    mean_sum = mean_square_sum = variance_sum = 0.0
-    values = 0
+    writer, count, stats = ShardWriter(staging, "latents", shard_size), 0, _LatentStats()
     try:
         for batch in loader:
-            posterior = vae.encode(  # a DiagonalGaussian
-                batch["image"].to(device)
-            )
+            posterior = vae.encode(batch["image"].to(device))  # a DiagonalGaussian
+            stats.update(posterior.mean, posterior.var)
             moments = torch.cat([posterior.mean, posterior.logvar], dim=1).float().cpu()
-            mean_sum += posterior.mean.double().sum().item()
-            mean_square_sum += posterior.mean.double().square().sum().item()
-            variance_sum += posterior.var.double().sum().item()
-            values += posterior.mean.numel()
             text = text_encoder(list(batch["caption"])) if text_encoder is not None else {}
             for i in range(len(moments)):
-                if writer is None or count % shard_size == 0:
-                    if writer is not None:
-                        writer.close()
-                    writer = TarWriter(str(staging / f"latents-{shard:06d}.tar"))
-                    shard += 1
-                sample = {
-                    "__key__": str(batch["key"][i]),
-                    "moments.npy": _npy(moments[i].to(dtype)),
-                    "txt": str(batch["caption"][i]).encode("utf-8"),
-                    "cls": str(int(batch["label"][i])).encode(),
-                }
-                for name in ("context", "pooled"):
-                    if name in text:
-                        sample[f"{name}.npy"] = _npy(text[name][i].detach().float().cpu().to(dtype))
-                writer.write(sample)
+                writer.write(_sample(batch, i, moments[i], text, dtype))
                 count += 1
-        if writer is not None:
-            writer.close()
+        writer.close()
         if count == 0:
             raise ValueError("the dataset is empty: nothing to cache")
-        mean = mean_sum / values
-        variance_of_means = mean_square_sum / values - mean * mean
         info = {
             "count": count,
-            "shards": shard,
+            "shards": len(writer.paths),
             "dtype": str(dtype).removeprefix("torch."),
             "vae_config": getattr(vae, "config", None),
             "vae_source": vae_source,
             "vae_fingerprint": fingerprint(vae),
             "text_encoder": type(text_encoder).__name__ if text_encoder is not None else None,
             "fields": ["moments", *(f for f in ("context", "pooled") if f in text)],
-            # Statistics of z = mean + std * noise over every latent value: the scale
-            # factor that gives unit variance is 1 / latent_std.
-            "latent_mean": mean,
-            "latent_std": math.sqrt(variance_of_means + variance_sum / values),
+            **stats.result(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         (staging / INFO).write_text(json.dumps(info, indent=2))

@@ -33,7 +33,6 @@ import torch
 from PIL import Image
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-from webdataset import TarWriter
 
 from ldm import __version__
 from ldm.data.builtin import SPLITS
@@ -41,6 +40,7 @@ from ldm.data.folder import METADATA_FILES, Record, scan_folder
 from ldm.data.images import is_image_file, open_image
 from ldm.data.phash import Duplicates, content_hash, phash
 from ldm.data.transforms import ImageTransform, Interpolation
+from ldm.data.wds import ShardWriter
 from ldm.io import atomic_write
 from ldm.seeding import stable_fraction
 
@@ -138,37 +138,6 @@ def split_of(digest: str, val_fraction: float, test_fraction: float) -> str:
     return "val" if u < val_fraction else "test" if u >= 1 - test_fraction else "train"
 
 
-class _ShardWriter:
-    """Samples of one split into {split}-000000.tar, ... of ``per_shard`` samples; each
-    shard is written under a temporary name and renamed once complete."""
-
-    def __init__(self, folder: Path, split: str, per_shard: int):
-        self.folder, self.split, self.per_shard = folder, split, per_shard
-        self.names: list[str] = []
-        self._file, self._tar, self._count = None, None, 0
-
-    def write(self, sample: dict) -> str:
-        """Add a sample; returns the shard's path relative to OUT."""
-        if self._tar is None:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            self.names.append(f"{self.split}/{self.split}-{len(self.names):06d}.tar")
-            self._file = (self.folder / f".{len(self.names)}.tmp").open("wb")
-            self._tar = TarWriter(self._file, encoder=False, mtime=0)  # mtime: reproducible
-        self._tar.write(sample)
-        self._count += 1
-        name = self.names[-1]
-        if self._count == self.per_shard:
-            self.close()
-        return name
-
-    def close(self) -> None:
-        if self._tar is not None:
-            self._tar.close()
-            self._file.close()
-            os.replace(self._file.name, self.folder.parent / self.names[-1])
-            self._file, self._tar, self._count = None, None, 0
-
-
 def _write_atomic(path: Path, data: bytes) -> None:
     with atomic_write(path) as tmp:
         tmp.write_bytes(data)
@@ -264,7 +233,7 @@ class _Sorter:
 
     def __init__(self, staging: Path, records: dict[Path, Record], settings: dict):
         self.records, self.settings = records, settings
-        self.writers = {s: _ShardWriter(staging / s, s, settings["shard_size"]) for s in SPLITS}
+        self.writers = {s: ShardWriter(staging / s, s, settings["shard_size"]) for s in SPLITS}
         self.kept: list[dict] = []
         self.skipped: list[dict] = []
         self.duplicates = Duplicates(settings["near_duplicate_bits"])
@@ -289,7 +258,7 @@ class _Sorter:
         }
         if record.label >= 0:
             sample["cls"] = str(record.label).encode()
-        shard = self.writers[split].write(sample)
+        shard = f"{split}/{self.writers[split].write(sample).name}"  # relative to OUT
         self.kept.append(
             {"path": name, "split": split, "key": key, "shard": shard,
              "caption": record.caption or "", "label": record.label, **sizes}
@@ -308,7 +277,10 @@ class _Sorter:
                 "skipped": len(skipped),
             },
             "skipped_by_reason": dict(Counter(s["kind"] for s in skipped).most_common()),
-            "shards": {split: writer.names for split, writer in self.writers.items()},
+            "shards": {
+                split: [f"{split}/{path.name}" for path in writer.paths]
+                for split, writer in self.writers.items()
+            },
             "kept": sorted(kept, key=lambda k: k["path"]),
             "skipped": sorted(skipped, key=lambda s: s["path"]),
         }

@@ -2,7 +2,7 @@
 
 A sample is the files of one key in a tar: an image (``png`` / ``jpg`` / ``jpeg`` /
 ``webp``), a caption (``txt``), optionally a class label (``cls``) and metadata (``json``).
-``python -m ldm.data.prepare`` writes such shards.
+``python -m ldm.data.prepare`` writes such shards (with ``ShardWriter``).
 
 URLs are local paths, brace patterns (``data/train-{000000..000099}.tar``), ``pipe:``
 commands (``pipe:aws s3 cp s3://bucket/train-000000.tar -``) or whatever webdataset's
@@ -21,12 +21,14 @@ Two modes:
 from __future__ import annotations
 
 import logging
+import os
 import random
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
+from webdataset import TarWriter
 from webdataset.handlers import reraise_exception, warn_and_continue
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import tarfile_samples
@@ -37,6 +39,41 @@ from ldm.data.transforms import Crop, ImageTransform
 from ldm.seeding import stable_seed
 
 log = logging.getLogger(__name__)
+
+
+class ShardWriter:
+    """Samples (dicts of bytes, and ``__key__``) into ``folder/{stem}-000000.tar``, ... of
+    ``per_shard`` samples each. A shard is written under a temporary name and renamed once
+    complete; file times are 0, so the same samples always give the same bytes."""
+
+    def __init__(self, folder: str | Path, stem: str, per_shard: int):
+        self.folder, self.stem, self.per_shard = Path(folder), stem, per_shard
+        self.paths: list[Path] = []
+        self._file, self._tar, self._count = None, None, 0
+
+    def write(self, sample: Mapping[str, str | bytes]) -> Path:
+        """Add a sample; returns the path of its shard."""
+        if self._tar is None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self.paths.append(self.folder / f"{self.stem}-{len(self.paths):06d}.tar")
+            self._file = (self.folder / f".{len(self.paths)}.tmp").open("wb")
+            self._tar = TarWriter(self._file, encoder=False, mtime=0)
+        self._tar.write(dict(sample))
+        self._count += 1
+        path = self.paths[-1]
+        if self._count == self.per_shard:
+            self.close()
+        return path
+
+    def close(self) -> None:
+        """Finish the open shard (if any)."""
+        if self._tar is not None:
+            self._tar.close()
+            self._file.close()
+            os.replace(self._file.name, self.paths[-1])
+            self._file, self._tar, self._count = None, None, 0
+
+
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 
 
