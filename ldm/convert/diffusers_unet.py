@@ -106,36 +106,44 @@ _DOWN, _CROSS_DOWN = "DownBlock2D", "CrossAttnDownBlock2D"
 _UP, _CROSS_UP = "UpBlock2D", "CrossAttnUpBlock2D"
 
 
-def unet_config_from_diffusers(config: Mapping[str, Any]) -> dict[str, Any]:
-    """Our UNet's constructor arguments for a diffusers ``UNet2DConditionModel`` config.
+# diffusers UNet options with the one value our UNet implements.
+_FIXED_OPTIONS = {
+    "act_fn": "silu",
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "norm_eps": 1e-5,
+    "time_embedding_type": "positional",
+    "conv_in_kernel": 3,
+    "conv_out_kernel": 3,
+    "only_cross_attention": False,
+    "dual_cross_attention": False,
+    "encoder_hid_dim": None,
+    "addition_embed_type": None,
+    "time_cond_proj_dim": None,
+    "class_embeddings_concat": False,
+    "downsample_padding": 1,
+    "mid_block_scale_factor": 1,
+}
 
-    Refuses options our UNet does not implement, naming them.
-    """
-    c = dict(config)
-    unsupported = {
-        "act_fn": "silu",
-        "flip_sin_to_cos": True,
-        "freq_shift": 0,
-        "norm_eps": 1e-5,
-        "time_embedding_type": "positional",
-        "conv_in_kernel": 3,
-        "conv_out_kernel": 3,
-        "only_cross_attention": False,
-        "dual_cross_attention": False,
-        "encoder_hid_dim": None,
-        "addition_embed_type": None,
-        "time_cond_proj_dim": None,
-        "class_embeddings_concat": False,
-        "downsample_padding": 1,
-        "mid_block_scale_factor": 1,
-    }
-    bad = [f"{k}={c[k]!r}" for k, want in unsupported.items() if k in c and c[k] != want]
+
+def _refuse_unsupported(c: Mapping[str, Any]) -> None:
+    """A ValueError naming every option of ``c`` that our UNet does not implement."""
+    bad = [f"{k}={c[k]!r}" for k, want in _FIXED_OPTIONS.items() if k in c and c[k] != want]
     if c.get("mid_block_type", "UNetMidBlock2DCrossAttn") != "UNetMidBlock2DCrossAttn":
         bad.append(f"mid_block_type={c['mid_block_type']!r}")
     if c.get("class_embed_type") not in (None, "projection"):
         bad.append(f"class_embed_type={c['class_embed_type']!r}")
     if bad:
         raise ValueError(f"diffusers UNet options our UNet does not implement: {', '.join(bad)}")
+
+
+def unet_config_from_diffusers(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Our UNet's constructor arguments for a diffusers ``UNet2DConditionModel`` config.
+
+    Refuses options our UNet does not implement, naming them.
+    """
+    c = dict(config)
+    _refuse_unsupported(c)
     channels = list(c.get("block_out_channels", (320, 640, 1280, 1280)))
     base = channels[0]
     if any(ch % base for ch in channels):

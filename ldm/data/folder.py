@@ -81,6 +81,35 @@ def class_folders(root: Path, images: Sequence[Path]) -> list[str]:
     return []
 
 
+def _metadata_captions_and_labels(root: Path) -> tuple[dict[Path, str], dict[Path, int | str]]:
+    """Captions and labels from ``root``'s metadata file (if any), by image path; a row
+    naming a missing file is an error."""
+    captions: dict[Path, str] = {}
+    labels: dict[Path, int | str] = {}
+    metadata = next((root / n for n in METADATA_FILES if (root / n).is_file()), None)
+    if metadata is None:
+        return captions, labels
+    missing = []
+    for row in _read_metadata(metadata):
+        if "file_name" not in row:
+            raise ValueError(f"{metadata}: a row has no 'file_name': {row}")
+        path = root / row["file_name"]
+        if not path.is_file():
+            missing.append(row["file_name"])
+            continue
+        text = next((row[k] for k in CAPTION_KEYS if row.get(k) is not None), None)
+        if text is not None:
+            captions[path] = str(text)
+        if row.get("label") not in (None, ""):
+            labels[path] = row["label"]
+    if missing:
+        raise ValueError(
+            f"{metadata} names {len(missing)} file(s) that do not exist: "
+            f"{', '.join(missing[:20])}{' ...' if len(missing) > 20 else ''}"
+        )
+    return captions, labels
+
+
 def scan_folder(
     root: str | Path,
     *,
@@ -103,28 +132,7 @@ def scan_folder(
         raise ValueError(
             f"no images under {root} (looked for {', '.join(IMAGE_EXTENSIONS)}, recursively)"
         )
-    captions: dict[Path, str] = {}
-    labels: dict[Path, int | str] = {}
-    metadata = next((root / n for n in METADATA_FILES if (root / n).is_file()), None)
-    if metadata is not None:
-        missing = []
-        for row in _read_metadata(metadata):
-            if "file_name" not in row:
-                raise ValueError(f"{metadata}: a row has no 'file_name': {row}")
-            path = root / row["file_name"]
-            if not path.is_file():
-                missing.append(row["file_name"])
-                continue
-            text = next((row[k] for k in CAPTION_KEYS if row.get(k) is not None), None)
-            if text is not None:
-                captions[path] = str(text)
-            if row.get("label") not in (None, ""):
-                labels[path] = row["label"]
-        if missing:
-            raise ValueError(
-                f"{metadata} names {len(missing)} file(s) that do not exist: "
-                f"{', '.join(missing[:20])}{' ...' if len(missing) > 20 else ''}"
-            )
+    captions, labels = _metadata_captions_and_labels(root)
     folder_classes = [] if labels else class_folders(root, images)
     named = sorted({str(v) for v in labels.values() if not _is_int(v)})  # class-name labels
     names = list(classes) if classes is not None else (named or folder_classes)

@@ -352,17 +352,23 @@ def prepare(
             **sorter.close(),
             "classes": classes,
         }
-        old = staging / "old"  # the previous run's splits; removed with staging
-        old.mkdir()
-        for split in SPLITS:
-            if (out / split).exists():
-                os.replace(out / split, old / split)
-            if (staging / split).exists():
-                os.replace(staging / split, out / split)
-        _write_atomic(out / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+        _publish(staging, out, manifest)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return manifest
+
+
+def _publish(staging: Path, out: Path, manifest: dict) -> None:
+    """Swap this run's splits into ``out`` (the previous ones go to ``staging/old``, removed
+    with it), then write the manifest."""
+    old = staging / "old"
+    old.mkdir()
+    for split in SPLITS:
+        if (out / split).exists():
+            os.replace(out / split, old / split)
+        if (staging / split).exists():
+            os.replace(staging / split, out / split)
+    _write_atomic(out / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
 
 
 def summary(manifest: dict) -> str:

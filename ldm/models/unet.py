@@ -36,6 +36,43 @@ class _Stage(nn.Sequential):
         return x
 
 
+def _encoder(
+    make: _Blocks, in_channels: int, ch: int, levels: list[tuple[int, int | None]], blocks: int
+) -> tuple[nn.ModuleList, list[int]]:
+    """The input blocks, and the channels of each skip they leave for the decoder."""
+    stages, skips = nn.ModuleList([_Stage(nn.Conv2d(in_channels, ch, 3, padding=1))]), [ch]
+    for level, (out, depth) in enumerate(levels):
+        for _ in range(blocks):
+            layers = [make.resblock(ch, out)]
+            ch = out
+            if depth is not None:
+                layers.append(make.transformer(ch, depth))
+            stages.append(_Stage(*layers))
+            skips.append(ch)
+        if level != len(levels) - 1:
+            stages.append(_Stage(Downsample(ch)))
+            skips.append(ch)
+    return stages, skips
+
+
+def _decoder(
+    make: _Blocks, ch: int, skips: list[int], levels: list[tuple[int, int | None]], blocks: int
+) -> tuple[nn.ModuleList, int]:
+    """The output blocks (each takes one skip; one more block per level than the encoder),
+    and their output channels."""
+    stages, skips = nn.ModuleList(), list(skips)
+    for level, (out, depth) in reversed(list(enumerate(levels))):
+        for i in range(blocks + 1):
+            layers = [make.resblock(ch + skips.pop(), out)]
+            ch = out
+            if depth is not None:
+                layers.append(make.transformer(ch, depth))
+            if level and i == blocks:
+                layers.append(Upsample(ch))
+            stages.append(_Stage(*layers))
+    return stages, ch
+
+
 class UNet(nn.Module):
     """``forward(x, t, context=None, y=None, pooled=None)`` -> a prediction shaped like x."""
 
@@ -68,9 +105,8 @@ class UNet(nn.Module):
         self.config["attention_levels"] = list(attention_levels)
         if not isinstance(transformer_depth, int):
             self.config["transformer_depth"] = list(transformer_depth)
-        levels = len(channel_multipliers)
         depths = _transformer_depths(
-            transformer_depth, levels, attention_levels, num_heads, head_dim
+            transformer_depth, len(channel_multipliers), attention_levels, num_heads, head_dim
         )
         self.in_channels, self.out_channels = in_channels, out_channels
         self.context_dim, self.num_classes, self.pooled_dim = context_dim, num_classes, pooled_dim
@@ -92,38 +128,20 @@ class UNet(nn.Module):
                 nn.Linear(pooled_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
             )
 
-        self.input_blocks = nn.ModuleList(
-            [_Stage(nn.Conv2d(in_channels, model_channels, 3, padding=1))]
+        levels = [
+            (model_channels * mult, depths[level] if level in attention_levels else None)
+            for level, mult in enumerate(channel_multipliers)
+        ]  # (channels, transformer depth or None) per level
+        self.input_blocks, skips = _encoder(
+            make, in_channels, model_channels, levels, blocks_per_level
         )
-        skips, ch = [model_channels], model_channels
-        for level, mult in enumerate(channel_multipliers):
-            for _ in range(blocks_per_level):
-                layers = [make.resblock(ch, model_channels * mult)]
-                ch = model_channels * mult
-                if level in attention_levels:
-                    layers.append(make.transformer(ch, depths[level]))
-                self.input_blocks.append(_Stage(*layers))
-                skips.append(ch)
-            if level != levels - 1:
-                self.input_blocks.append(_Stage(Downsample(ch)))
-                skips.append(ch)
-
+        ch = skips[-1]
         middle = [make.resblock(ch, ch)]
         if mid_attention:
             middle.append(make.transformer(ch, depths[-1]))
         self.middle_block = _Stage(*middle, make.resblock(ch, ch))
 
-        self.output_blocks = nn.ModuleList()
-        for level, mult in reversed(list(enumerate(channel_multipliers))):
-            for i in range(blocks_per_level + 1):
-                layers = [make.resblock(ch + skips.pop(), model_channels * mult)]
-                ch = model_channels * mult
-                if level in attention_levels:
-                    layers.append(make.transformer(ch, depths[level]))
-                if level and i == blocks_per_level:
-                    layers.append(Upsample(ch))
-                self.output_blocks.append(_Stage(*layers))
-
+        self.output_blocks, ch = _decoder(make, ch, skips, levels, blocks_per_level)
         self.out = nn.Sequential(
             GroupNorm32(norm_groups, ch), nn.SiLU(), nn.Conv2d(ch, out_channels, 3, padding=1)
         )
