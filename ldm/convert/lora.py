@@ -1,7 +1,8 @@
 """LoRA adapters between our format and the formats other tools read, for SD-layout UNets.
 
-Ours (``ldm.nn.lora.save_adapter``): ``{path}.lora_down.weight`` / ``{path}.lora_up.weight``
-with paths in our (original SD) UNet layout, rank / alpha in the ``ldm_lora`` metadata.
+Ours (``save_adapter`` / ``read_adapter``): ``{path}.lora_down.weight`` /
+``{path}.lora_up.weight`` with paths in our (original SD) UNet layout, rank / alpha in the
+``ldm_lora`` metadata.
 
 * **diffusers / PEFT**: ``unet.{diffusers path}.lora_A.weight`` (down) and ``.lora_B.weight``
   (up); rank and alpha in the ``lora_adapter_metadata`` header (a PEFT ``LoraConfig``),
@@ -18,13 +19,16 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
+from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ldm.convert.diffusers_unet import unet_module_path
-from ldm.io import WeightsFileError, read_safetensors
+from ldm.io import WeightsFileError, read_safetensors, save_safetensors
+from ldm.nn.lora import adapter_settings, adapter_state_dict
 
 DIFFUSERS_METADATA = "lora_adapter_metadata"
 KOHYA_PREFIX = "lora_unet_"
@@ -152,6 +156,37 @@ def from_kohya(state_dict: Mapping[str, Tensor], unet: nn.Module) -> dict[str, T
             f"{len(unknown)} kohya key(s) match no UNet layer: {', '.join(unknown[:10])}"
         )
     return out
+
+
+def save_adapter(
+    model: nn.Module,
+    path: str | Path,
+    name: str = "default",
+    metadata: Mapping[str, Any] | None = None,
+) -> Path:
+    """Adapter ``name`` of ``model`` in our format: safetensors, its settings (rank, alpha
+    per layer kind) in the metadata; written atomically."""
+    settings = adapter_settings(model).get(name)
+    info = {
+        "format": "ldm-lora",
+        "settings": asdict(settings) if settings else None,
+        **(metadata or {}),
+    }
+    return save_safetensors(
+        path, adapter_state_dict(model, name), {"ldm_lora": json.dumps(info, default=str)}
+    )
+
+
+def read_adapter(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """(tensors, info) of an adapter file written by ``save_adapter``; load the tensors
+    with ``ldm.nn.lora.load_adapter(model, tensors, name, info["settings"])``."""
+    tensors, meta = read_safetensors(path)
+    if "ldm_lora" not in meta:
+        raise WeightsFileError(
+            f"{path} is not an ldm adapter (no 'ldm_lora' metadata); diffusers / PEFT and kohya "
+            "files load through read_any"
+        )
+    return tensors, json.loads(meta["ldm_lora"])
 
 
 def read_any(path: str, unet: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any]]:

@@ -7,25 +7,22 @@
 ``alpha / rank`` and by its weight; ``up`` starts at zero, so a fresh adapter changes
 nothing. Several adapters can be active at once, each with its own weight; ``merge``
 folds active adapters into the base weights (for speed) and ``unmerge`` takes them out.
-Adapters save alone, as safetensors with their settings in the metadata.
+Adapters save alone (``ldm.convert.lora.save_adapter``): safetensors with their settings
+in the metadata.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
-from pathlib import Path
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.stateless import _reparametrize_module
-
-from ldm.io import WeightsFileError, read_safetensors, save_safetensors
 
 # Name patterns (fnmatch, on a module's dotted path) of the layer presets, for our UNet and
 # text encoders: attention projections, plus the feed-forward, or every Linear.
@@ -233,7 +230,7 @@ def _patterns(targets: str | Sequence[str]) -> tuple[str, ...]:
     return tuple(targets)
 
 
-def _settings(model: nn.Module) -> dict[str, LoRASettings]:
+def adapter_settings(model: nn.Module) -> dict[str, LoRASettings]:
     """The settings each adapter was made with, kept on the model (a plain attribute)."""
     if not hasattr(model, "lora_settings"):
         model.lora_settings = {}
@@ -302,7 +299,7 @@ def inject_lora(
     if not chosen:
         raise ValueError(f"no layer of {type(model).__name__} matches the LoRA targets {patterns}")
     _adapt_attention(model)
-    _settings(model)[name] = settings
+    adapter_settings(model)[name] = settings
     return chosen
 
 
@@ -366,56 +363,22 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, Ten
     return out
 
 
-def save_adapter(
-    model: nn.Module,
-    path: str | Path,
-    name: str = "default",
-    metadata: Mapping[str, Any] | None = None,
-) -> Path:
-    """Adapter ``name`` as safetensors, its settings (rank, alpha per layer kind) in the
-    metadata; written atomically."""
-    settings = _settings(model).get(name)
-    info = {
-        "format": "ldm-lora",
-        "settings": asdict(settings) if settings else None,
-        **(metadata or {}),
-    }
-    return save_safetensors(
-        path, adapter_state_dict(model, name), {"ldm_lora": json.dumps(info, default=str)}
-    )
-
-
-def read_adapter(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """(tensors, info) of an adapter file written by ``save_adapter``."""
-    tensors, meta = read_safetensors(path)
-    if "ldm_lora" not in meta:
-        raise WeightsFileError(
-            f"{path} is not an ldm adapter (no 'ldm_lora' metadata); diffusers / PEFT and kohya "
-            "files load through ldm.convert.lora"
-        )
-    return tensors, json.loads(meta["ldm_lora"])
-
-
 def load_adapter(
     model: nn.Module,
-    path_or_tensors: str | Path | Mapping[str, Tensor],
+    tensors: Mapping[str, Tensor],
     name: str,
     settings: Mapping[str, Any] | None = None,
     weight: float = 1.0,
 ) -> list[str]:
-    """Inject adapter ``name`` shaped like the given tensors and load them (a file from
-    ``save_adapter``, or our-format tensors with ``settings``); every tensor must find its
-    layer."""
-    if isinstance(path_or_tensors, Mapping):
-        tensors, info = dict(path_or_tensors), {"settings": dict(settings or {})}
-    else:
-        tensors, info = read_adapter(path_or_tensors)
+    """Inject adapter ``name`` shaped like our-format ``tensors`` (``adapter_state_dict``'s
+    layout; a file's: ``ldm.convert.lora.read_adapter``) and load them, with ``settings``
+    (rank / alpha defaults, dropout); every tensor must find its layer."""
     layers = {k.rsplit(".lora_", 1)[0] for k in tensors if ".lora_" in k}
     modules = dict(model.named_modules())
     missing = sorted(p for p in layers if p not in modules)
     if missing:
         raise ValueError(f"adapter layers not in the model: {', '.join(missing[:20])}")
-    stored = info.get("settings") or {}
+    stored = dict(settings or {})
     for path in sorted(layers):
         down, up = tensors[f"{path}.lora_down.weight"], tensors[f"{path}.lora_up.weight"]
         rank, alpha = down.shape[0], layer_alpha(tensors, path, stored)
@@ -429,7 +392,7 @@ def load_adapter(
     _adapt_attention(model)
     if stored:
         fields = {k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()}
-        _settings(model)[name] = LoRASettings(**fields)
+        adapter_settings(model)[name] = LoRASettings(**fields)
     return sorted(layers)
 
 
@@ -440,4 +403,4 @@ def remove_adapter(model: nn.Module, name: str) -> None:
             layer.unmerge([name])
             del layer.lora[name]
             layer.lora_weights.pop(name, None)
-    _settings(model).pop(name, None)
+    adapter_settings(model).pop(name, None)

@@ -19,11 +19,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.nn.utils import get_total_norm
 
+from ldm.convert.lora import save_adapter
 from ldm.io import atomic_write
-from ldm.nn.lora import (
-    adapter_parameters,
-    save_adapter,
-)
+from ldm.nn.lora import adapter_parameters
 
 log = logging.getLogger(__name__)
 

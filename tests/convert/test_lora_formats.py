@@ -10,15 +10,16 @@ from safetensors.torch import save_file
 from testutils import TINY_SD_UNET, randomize
 
 from ldm.convert.diffusers_unet import unet_config_to_diffusers, unet_to_diffusers
-from ldm.convert.lora import from_diffusers, from_kohya, read_any, to_diffusers, to_kohya
-from ldm.models.unet import UNet
-from ldm.nn.lora import (
-    adapter_parameters,
-    adapter_state_dict,
-    inject_lora,
-    load_adapter,
+from ldm.convert.lora import (
+    from_diffusers,
+    from_kohya,
+    read_any,
     save_adapter,
+    to_diffusers,
+    to_kohya,
 )
+from ldm.models.unet import UNet
+from ldm.nn.lora import adapter_parameters, adapter_state_dict, inject_lora, load_adapter
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")

@@ -6,6 +6,7 @@ import torch
 from testutils import TINY_SD_UNET, randomize
 from torch import nn
 
+from ldm.convert.lora import read_adapter, save_adapter
 from ldm.models.unet import UNet
 from ldm.nn.lora import (
     LoRASettings,
@@ -16,9 +17,7 @@ from ldm.nn.lora import (
     load_adapter,
     lora_layers,
     merge_adapters,
-    read_adapter,
     remove_adapter,
-    save_adapter,
     set_adapter_weights,
     unmerge_adapters,
 )
@@ -121,7 +120,7 @@ def test_save_load_and_settings(tmp_path):
     assert tensors.keys() == adapter_state_dict(model, "style").keys()
     assert info["settings"]["alpha"] == 2 and info["settings"]["conv_alpha"] == 1
     fresh = _unet()
-    load_adapter(fresh, path, "style")
+    load_adapter(fresh, tensors, "style", info["settings"])
     with torch.no_grad():
         torch.testing.assert_close(fresh(x, t, c), want, rtol=0, atol=1e-6)
     remove_adapter(fresh, "style")
@@ -171,6 +170,7 @@ def test_openclip_attention_adapters_take_effect(tmp_path):
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in adapter_parameters(encoder))
     save_adapter(encoder, tmp_path / "text.safetensors", "style")
     fresh = small_clip(layer="last")
-    load_adapter(fresh, tmp_path / "text.safetensors", "style")
+    tensors, info = read_adapter(tmp_path / "text.safetensors")
+    load_adapter(fresh, tensors, "style", info["settings"])
     with torch.no_grad():
         torch.testing.assert_close(fresh(CAPTIONS)["context"], adapted, rtol=0, atol=1e-6)

@@ -10,7 +10,8 @@ from trainutils import CONF, compose_train
 
 from ldm.app.sample import sample
 from ldm.app.train import build, train
-from ldm.nn.lora import adapter_parameters, read_adapter
+from ldm.convert.lora import read_adapter
+from ldm.nn.lora import adapter_parameters
 
 
 def test_lora_finetuning_by_config(tmp_path):

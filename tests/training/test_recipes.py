@@ -15,9 +15,10 @@ from trainutils import CONF, TINY_ANY_DATA, compose_train
 from ldm.app.merge import main as merge_main
 from ldm.app.sample import load_model, sample
 from ldm.app.train import build, train
+from ldm.convert.lora import save_adapter
 from ldm.diffusion.samplers import make_sampler
 from ldm.io import save_safetensors
-from ldm.nn.lora import adapter_parameters, inject_lora, save_adapter, set_adapter_weights
+from ldm.nn.lora import adapter_parameters, inject_lora, set_adapter_weights
 from ldm.tools.merge import merge, read_checkpoint
 from ldm.training.finetune import ensure_class_images
 
