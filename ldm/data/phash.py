@@ -48,10 +48,6 @@ def phash(image: Image.Image) -> int:
     return int.from_bytes(np.packbits(bits).tobytes(), "big")
 
 
-def hamming(a: int, b: int) -> int:
-    return (a ^ b).bit_count()
-
-
 def _popcount(values: np.ndarray) -> np.ndarray:
     """Set bits of each uint64 (numpy >= 2 has a ufunc; older ones count bytes by table)."""
     if hasattr(np, "bitwise_count"):

@@ -17,7 +17,7 @@ from ldm import CONF_DIR
 from ldm.app.prepare import main
 from ldm.data import prepare as prepare_module
 from ldm.data.images import open_image
-from ldm.data.phash import Duplicates, content_hash, hamming, phash
+from ldm.data.phash import Duplicates, content_hash, phash
 from ldm.data.prepare import SETTINGS, prepare, split_of
 from ldm.data.wds import WebDatasetSource
 
@@ -118,6 +118,10 @@ def stored(out: Path, entry: dict) -> tuple[str, bytes]:
 
 def stored_image(out: Path, entry: dict) -> Image.Image:
     return Image.open(io.BytesIO(stored(out, entry)[1]))
+
+
+def hamming(a: int, b: int) -> int:
+    return (a ^ b).bit_count()
 
 
 def test_every_file_is_kept_or_skipped_with_its_reason(prepared):
