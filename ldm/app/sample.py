@@ -29,8 +29,7 @@ from ldm.convert.lora import read_any, split_spec
 from ldm.io import WeightsFileError
 from ldm.models.textual_inversion import load_embeddings
 from ldm.nn.lora import load_adapter, merge_adapters
-from ldm.pipeline import Checkpoint, Pipeline, open_checkpoint
-from ldm.seeding import stable_seed
+from ldm.pipeline import Checkpoint, Pipeline, open_checkpoint, step_generators
 
 log = logging.getLogger(__name__)
 
@@ -125,11 +124,10 @@ def sample(cfg: DictConfig, out_dir: str | Path) -> list[Path]:
                 sampler,
                 guidance_scale=cfg.guidance_scale,
                 guidance_rescale=cfg.guidance_rescale,
+                negative=[cfg.negative_prompt] * len(chunk) if cfg.negative_prompt else None,
                 seeds=[s for _, s in chunk],
-                generator=[  # step noise per image too: no image depends on its batch
-                    torch.Generator(pipeline.device).manual_seed(stable_seed(s, "sampler noise"))
-                    for _, s in chunk
-                ],
+                # step noise per image too: no image depends on its batch
+                generator=step_generators([s for _, s in chunk], pipeline.device),
             ).cpu()
         )
     seconds = time.perf_counter() - start

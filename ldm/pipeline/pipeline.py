@@ -22,6 +22,7 @@ from ldm.diffusion.samplers import Callback
 from ldm.diffusion.schedules import Schedule
 from ldm.io import WeightsFileError
 from ldm.pipeline.checkpoint import Checkpoint, open_checkpoint
+from ldm.seeding import stable_seed
 
 Inputs = Sequence[str] | Tensor | int  # captions, class labels, or a count (unconditional)
 
@@ -123,6 +124,7 @@ class Pipeline:
         *,
         guidance_scale: float = 1.0,
         guidance_rescale: float = 0.0,
+        negative: Sequence[str] | None = None,  # per-sample negative prompts (default: "")
         seeds: Sequence[int] | None = None,  # one per sample: its starting noise
         generator: torch.Generator | Sequence[torch.Generator] | None = None,  # sampler noise
         decode: bool = True,  # False: the sampled latents, as the diffusion model sees them
@@ -130,7 +132,9 @@ class Pipeline:
     ) -> Tensor:
         """Images (B, 3, H, W) in [-1, 1] (or latents). Sample i starts from noise seeded by
         ``seeds[i]`` (default i), so it does not depend on what else is in the batch; give
-        one ``generator`` per sample for stochastic samplers' step noise too."""
+        one ``generator`` per sample for stochastic samplers' step noise too
+        (``step_generators(seeds)``). Guidance pushes away from ``negative[i]`` instead of
+        the empty caption when given."""
         count = inputs if isinstance(inputs, int) else len(inputs)
         seeds = list(range(count)) if seeds is None else list(seeds)
         if len(seeds) != count:
@@ -142,7 +146,9 @@ class Pipeline:
         model: Callable[[Tensor, Tensor], Tensor] = self.unet
         if self.conditioner is not None and not isinstance(inputs, int):
             cond = self.condition(inputs)
-            uncond = self.conditioner.empty(1)
+            if negative is not None and len(negative) != count:
+                raise ValueError(f"{len(negative)} negative prompts for {count} samples")
+            uncond = self.condition(negative) if negative else self.conditioner.empty(1)
             model = cfg(self.unet, cond, uncond, guidance_scale, rescale=guidance_rescale)
         options = {"callback": callback} if callback is not None else {}
         z = sampler(
@@ -153,3 +159,11 @@ class Pipeline:
         if self.vae is None:
             return z.clamp(-1, 1)
         return self.vae.decode(self.vae.unscale_latents(z)).clamp(-1, 1)
+
+
+def step_generators(
+    seeds: Sequence[int], device: torch.device | str = "cpu"
+) -> list[torch.Generator]:
+    """One generator per sample for a stochastic sampler's step noise, seeded from the
+    sample's seed: sample.py and the server make the same image from the same seed."""
+    return [torch.Generator(device).manual_seed(stable_seed(s, "sampler noise")) for s in seeds]
