@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from pathlib import Path
 
 import hydra
@@ -62,11 +63,18 @@ def build(cfg: DictConfig):  # -> FastAPI (imported lazily: the serve extra)
 @reported(ValueError)
 def main(cfg: DictConfig) -> None:
     """Load the model, then serve until SIGTERM / Ctrl-C (in-flight requests finish)."""
+    import torch
     import uvicorn
 
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     app = build(cfg)
     if not (cfg.token_env or cfg.token_file) and cfg.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s without a token: anyone who can reach it can use it", cfg.host)
+    # uvicorn shuts down gracefully on SIGTERM / SIGINT, then raises the signal again for
+    # the handler it found: a no-op one, so that a graceful stop exits with status 0.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: None)
     uvicorn.run(
         app,
         host=cfg.host,

@@ -60,6 +60,7 @@ def _metrics() -> tuple[CollectorRegistry, dict[str, Any]]:
         ),
         "images": Counter("ldm_images", "Images generated", registry=registry),
         "queue": Gauge("ldm_queue_depth", "Requests waiting for a batch", registry=registry),
+        "running": Gauge("ldm_images_in_progress", "Images being generated", registry=registry),
         "batch": Histogram(
             "ldm_batch_images",
             "Images per batch",
@@ -136,7 +137,9 @@ def create_app(
 
     @app.get("/metrics")
     def metrics() -> Response:
-        metric["queue"].set(state["batcher"].depth if "batcher" in state else 0)
+        batcher = state.get("batcher")
+        metric["queue"].set(batcher.depth if batcher else 0)
+        metric["running"].set(batcher.running if batcher else 0)
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models", dependencies=protected)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -258,7 +259,7 @@ class ImageService:
     ) -> str:
         """The sample.py command line that makes the same image."""
         args = [
-            "python", "sample.py", f"checkpoint={self.checkpoint}", f"prompts=[{prompt}]",
+            f"checkpoint={_quoted(self.checkpoint)}", f"prompts=[{_quoted(str(prompt))}]",
             "num_per_prompt=1", f"seed={seed}", f"sampler={settings.sampler}",
             f"sampler.steps={settings.steps}", f"guidance_scale={settings.guidance}",
             f"guidance_rescale={settings.guidance_rescale}",
@@ -267,13 +268,21 @@ class ImageService:
         if settings.eta is not None:
             args.append(f"sampler.eta={settings.eta}")
         if negative:
-            args.append(f"negative_prompt={negative}")
+            args.append(f"negative_prompt={_quoted(negative)}")
         if settings.adapters:
-            specs = ",".join(f"{self.adapters_dir / f}:{w}" for f, w in settings.adapters)
+            specs = ",".join(_quoted(f"{self.adapters_dir / f}:{w}") for f, w in settings.adapters)
             args.append(f"adapters=[{specs}]")
         if self.embeddings:
-            args.append(f"embeddings=[{','.join(self.embeddings)}]")
-        return " ".join(shlex.quote(a) for a in args)
+            args.append(f"embeddings=[{','.join(map(_quoted, self.embeddings))}]")
+        return "python sample.py " + " ".join(shlex.quote(a) for a in args)
+
+
+def _quoted(text: str) -> str:
+    """A string as a quoted Hydra override value: a quote is escaped, and so are the
+    backslashes before a quote or the closing one (Hydra reads the others literally)."""
+    text = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", text)
+    text = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, text)
+    return f"'{text}'"
 
 
 def to_png(image: torch.Tensor) -> bytes:

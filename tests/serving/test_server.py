@@ -1,0 +1,293 @@
+"""python -m ldm.serve for real: uvicorn in a subprocess on 127.0.0.1, spoken to over HTTP.
+
+One server (auth, adapters, batching) answers most tests; a second, deliberately small one
+(one image per batch, one waiting request, a 1 s timeout) shows the limits and shutdown."""
+
+import asyncio
+import base64
+import contextlib
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from ldm import CONF_DIR
+from ldm.app.sample import sample
+from ldm.convert.lora import save_adapter
+from ldm.nn.lora import adapter_parameters, inject_lora
+from ldm.pipeline import Pipeline
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
+from trainutils import compose_train
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.xdist_group("server")  # one worker: each server starts once
+TOKEN = "s3cret-token"
+PROMPT = "a red circle"
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    """A tiny checkpoint, an adapters folder (a trained-looking LoRA and a corrupt file),
+    and a token file."""
+    from ldm.app.train import train
+
+    root = tmp_path_factory.mktemp("serve")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(compose_train(root / "run", "task=ldm", "trainer.max_steps=2"), root / "run")
+    finally:
+        torch.set_num_threads(threads)
+    checkpoint = root / "run" / "checkpoints" / "last.ckpt"
+    networks = Pipeline.from_checkpoint(checkpoint).networks()
+    inject_lora(networks, "style", targets="attn", rank=4)
+    generator = torch.Generator().manual_seed(0)
+    for p in adapter_parameters(networks):  # up starts at zero: make it act
+        p.data.copy_(torch.randn(p.shape, generator=generator) * 0.5)
+    adapters = root / "adapters"
+    adapters.mkdir()
+    save_adapter(networks, adapters / "style.safetensors", "style")
+    (adapters / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    (root / "outside.safetensors").write_bytes((adapters / "style.safetensors").read_bytes())
+    (root / "token").write_text(TOKEN + "\n")
+    return {"checkpoint": checkpoint, "adapters": adapters, "root": root}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _server(*overrides: str):
+    port = _free_port()
+    command = [sys.executable, "-m", "ldm.serve", f"port={port}", "threads=1", *overrides]
+    proc = subprocess.Popen(
+        command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                raise AssertionError(f"the server exited: {proc.stdout.read()[-3000:]}")
+            try:
+                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server did not become ready"
+            time.sleep(0.2)
+        yield url, proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(model):
+    with _server(
+        f"checkpoint={model['checkpoint']}",
+        f"adapters_dir={model['adapters']}",
+        f"token_file={model['root'] / 'token'}",
+        "max_wait_ms=500",  # a generous gathering window: the batching test relies on it
+    ) as (url, _):
+        yield url
+
+
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def _post(url: str, **body) -> httpx.Response:
+    return httpx.post(f"{url}/v1/images", json=body, headers=AUTH, timeout=120)
+
+
+def _field(response: httpx.Response) -> list:
+    assert response.status_code == 422, response.text
+    return response.json()["detail"][0]["loc"]
+
+
+def test_health_models_and_auth(server, model):
+    assert httpx.get(f"{server}/healthz").json() == {"status": "ok"}
+    assert httpx.get(f"{server}/readyz").json() == {"ready": True}
+    assert httpx.get(f"{server}/v1/models").status_code == 401
+    wrong = {"Authorization": "Bearer nope"}
+    assert httpx.get(f"{server}/v1/models", headers=wrong).status_code == 401
+    assert httpx.post(f"{server}/v1/images", json={"prompt": PROMPT}).status_code == 401
+    info = httpx.get(f"{server}/v1/models", headers=AUTH).json()
+    assert info["checkpoint"] == str(model["checkpoint"]) and info["prediction"] == "eps"
+    assert info["adapters"] == ["broken.safetensors", "style.safetensors"]
+    assert "ddim" in info["samplers"] and info["image_size"] == [16, 16]
+    assert httpx.get(f"{server}/docs").status_code == 200  # OpenAPI docs
+    assert "/v1/images" in httpx.get(f"{server}/openapi.json").json()["paths"]
+
+
+def test_an_image_does_not_depend_on_its_batch(server):
+    alone = _post(server, prompt=PROMPT, seed=7, steps=4, response_format="png")
+    assert alone.status_code == 200 and alone.headers["content-type"] == "image/png"
+    others = [f"a {c} square" for c in ("blue", "green", "yellow", "purple", "orange", "cyan")]
+
+    async def together():
+        async with httpx.AsyncClient(headers=AUTH, timeout=120) as client:
+            bodies = [{"prompt": PROMPT, "seed": 7}] + [
+                {"prompt": p, "seed": i} for i, p in enumerate(others)
+            ]
+            bodies.append({"prompt": [PROMPT, "a blue square"], "seed": 3})  # 8 requests, 9 images
+            return await asyncio.gather(
+                *(client.post(f"{server}/v1/images", json={**b, "steps": 4}) for b in bodies)
+            )
+
+    before = _batches(server)
+    responses = asyncio.run(together())
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+    first = responses[0].json()["images"][0]
+    assert base64.b64decode(first["png_base64"]) == alone.content  # byte-identical
+    count, images = (a - b for a, b in zip(_batches(server), before, strict=True))
+    assert images == 9 and count < 8  # 9 images in fewer batches than requests
+    last = responses[-1].json()
+    assert [i["prompt"] for i in last["images"]] == [PROMPT, "a blue square"]
+    assert [i["seed"] for i in last["images"]] == [3, 3]  # each prompt's k-th image: seed + k
+
+
+def _batches(url: str) -> tuple[float, float]:
+    """(batches run, images in them) from the Prometheus metrics."""
+    text = httpx.get(f"{url}/metrics").text
+    values = {}
+    for line in text.splitlines():
+        if line.startswith(("ldm_batch_images_count", "ldm_batch_images_sum")):
+            name, value = line.split()
+            values[name] = float(value)
+    return values["ldm_batch_images_count"], values["ldm_batch_images_sum"]
+
+
+def test_the_response_regenerates_with_sample_py(server, tmp_path):
+    body = _post(server, prompt=PROMPT, seed=11, steps=3, negative_prompt="a green square")
+    image = body.json()["images"][0]
+    args = shlex.split(image["sample_py"])
+    assert args[:2] == ["python", "sample.py"] and "seed=11" in args
+    assert "negative_prompt='a green square'" in args
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("sample", overrides=[*args[2:], "device=cpu"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the server runs
+    try:
+        (path,) = sample(cfg, tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+    assert path.read_bytes() == base64.b64decode(image["png_base64"])
+
+
+def test_adapters_act_by_weight_and_stay_in_their_folder(server, model):
+    plain = _post(server, prompt=PROMPT, seed=1, steps=3, response_format="png").content
+    off = _post(server, prompt=PROMPT, seed=1, steps=3, response_format="png",
+                adapters={"style.safetensors": 0.0}).content  # fmt: skip
+    on = _post(server, prompt=PROMPT, seed=1, steps=3, response_format="png",
+               adapters={"style.safetensors": 1.0}).content  # fmt: skip
+    assert off == plain and on != plain
+    for name in ("../outside.safetensors", str(model["root"] / "outside.safetensors")):
+        assert _field(_post(server, prompt=PROMPT, adapters={name: 1.0}))[1:] == ["adapters", name]
+    assert _field(_post(server, prompt=PROMPT, adapters={"missing.safetensors": 1.0}))
+    broken = _post(server, prompt=PROMPT, steps=2, adapters={"broken.safetensors": 1.0})
+    assert _field(broken) == ["body", "adapters", "broken.safetensors"]
+    assert "broken.safetensors" in broken.json()["detail"][0]["msg"]
+    assert _post(server, prompt=PROMPT, steps=2).status_code == 200  # still serving
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"steps": 0}, "steps"),
+        ({"steps": 10_000}, "steps"),
+        ({"sampler": "warp"}, "sampler"),
+        ({"size": 48}, "size"),
+        ({"n": 9}, "n"),
+        ({"n": 0}, "n"),
+        ({"prompt": "a red circle " * 20}, "prompt"),
+        ({"negative_prompt": "blue " * 40}, "negative_prompt"),
+        ({"sampler": "heun", "eta": 0.5}, "eta"),
+        ({"guidance": -1}, "guidance"),
+        ({"labels": [1]}, "prompt"),
+        ({"response_format": "gif"}, "response_format"),
+    ],
+)
+def test_bad_requests_are_422_naming_the_field(server, body, field):
+    assert _field(_post(server, **{"prompt": PROMPT, **body}))[1] == field
+
+
+@pytest.fixture(scope="module")
+def small(model):
+    with _server(
+        f"checkpoint={model['checkpoint']}",
+        "max_batch=1",
+        "max_images=1",
+        "max_queue=1",
+        "max_wait_ms=0",
+        "timeout_s=1",
+        "max_steps=2000",
+    ) as (url, proc):
+        yield url, proc
+
+
+def test_a_full_queue_is_429_and_a_slow_request_504(small):
+    url, _ = small
+
+    async def flood():
+        async with httpx.AsyncClient(timeout=120) as client:
+            body = {"prompt": PROMPT, "steps": 250}
+            return await asyncio.gather(
+                *(client.post(f"{url}/v1/images", json=body) for _ in range(5))
+            )
+
+    codes = sorted(r.status_code for r in asyncio.run(flood()))
+    assert 429 in codes and 504 in codes, codes  # one runs, one waits, the rest are turned away
+    busy = next(r for r in asyncio.run(flood()) if r.status_code == 429)
+    assert int(busy.headers["Retry-After"]) >= 1
+
+
+def _gauges(url: str) -> dict[str, float]:
+    lines = httpx.get(f"{url}/metrics").text.splitlines()
+    return {
+        name: float(value)
+        for name, value in (line.split() for line in lines if not line.startswith("#"))
+        if name in ("ldm_queue_depth", "ldm_images_in_progress")
+    }
+
+
+def _until(condition, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.05)
+
+
+def test_sigterm_finishes_in_flight_requests_then_exits_0(model):
+    with _server(f"checkpoint={model['checkpoint']}") as (url, proc):
+        result = {}
+
+        def request():
+            result["response"] = httpx.post(
+                f"{url}/v1/images", json={"prompt": PROMPT, "steps": 200}, timeout=60
+            )
+
+        client = threading.Thread(target=request)
+        client.start()
+        _until(lambda: _gauges(url)["ldm_images_in_progress"] > 0)  # in flight
+        os.kill(proc.pid, signal.SIGTERM)
+        client.join(timeout=60)
+        assert proc.wait(timeout=60) == 0
+        assert result["response"].status_code == 200
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"{url}/healthz", timeout=2)
