@@ -1,105 +1,33 @@
 """python -m ldm.serve for real: uvicorn in a subprocess on 127.0.0.1, spoken to over HTTP.
 
 One server (auth, adapters, batching) answers most tests; a second, deliberately small one
-(one image per batch, one waiting request, a 1 s timeout) shows the limits and shutdown."""
+(one image per batch, one waiting request, a 1 s timeout) shows the limits, and a third
+is stopped with SIGTERM."""
 
 import asyncio
 import base64
-import contextlib
 import os
 import shlex
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from servingutils import TOKEN, ldm_serve
 
 from ldm import CONF_DIR
 from ldm.app.sample import sample
-from ldm.convert.lora import save_adapter
-from ldm.nn.lora import adapter_parameters, inject_lora
-from ldm.pipeline import Pipeline
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
-from trainutils import compose_train
-
-ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.xdist_group("server")  # one worker: each server starts once
-TOKEN = "s3cret-token"
 PROMPT = "a red circle"
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    """A tiny checkpoint, an adapters folder (a trained-looking LoRA and a corrupt file),
-    and a token file."""
-    from ldm.app.train import train
-
-    root = tmp_path_factory.mktemp("serve")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        train(compose_train(root / "run", "task=ldm", "trainer.max_steps=2"), root / "run")
-    finally:
-        torch.set_num_threads(threads)
-    checkpoint = root / "run" / "checkpoints" / "last.ckpt"
-    networks = Pipeline.from_checkpoint(checkpoint).networks()
-    inject_lora(networks, "style", targets="attn", rank=4)
-    generator = torch.Generator().manual_seed(0)
-    for p in adapter_parameters(networks):  # up starts at zero: make it act
-        p.data.copy_(torch.randn(p.shape, generator=generator) * 0.5)
-    adapters = root / "adapters"
-    adapters.mkdir()
-    save_adapter(networks, adapters / "style.safetensors", "style")
-    (adapters / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
-    (root / "outside.safetensors").write_bytes((adapters / "style.safetensors").read_bytes())
-    (root / "token").write_text(TOKEN + "\n")
-    return {"checkpoint": checkpoint, "adapters": adapters, "root": root}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def _server(*overrides: str):
-    port = _free_port()
-    command = [sys.executable, "-m", "ldm.serve", f"port={port}", "threads=1", *overrides]
-    proc = subprocess.Popen(
-        command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"the server exited: {proc.stdout.read()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the server did not become ready"
-            time.sleep(0.2)
-        yield url, proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=30)
-
-
-@pytest.fixture(scope="module")
 def server(model):
-    with _server(
+    with ldm_serve(
         f"checkpoint={model['checkpoint']}",
         f"adapters_dir={model['adapters']}",
         f"token_file={model['root'] / 'token'}",
@@ -229,7 +157,7 @@ def test_bad_requests_are_422_naming_the_field(server, body, field):
 
 @pytest.fixture(scope="module")
 def small(model):
-    with _server(
+    with ldm_serve(
         f"checkpoint={model['checkpoint']}",
         "max_batch=1",
         "max_images=1",
@@ -274,7 +202,7 @@ def _until(condition, seconds: float = 60) -> None:
 
 
 def test_sigterm_finishes_in_flight_requests_then_exits_0(model):
-    with _server(f"checkpoint={model['checkpoint']}") as (url, proc):
+    with ldm_serve(f"checkpoint={model['checkpoint']}") as (url, proc):
         result = {}
 
         def request():
