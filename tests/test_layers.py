@@ -22,12 +22,14 @@ RANKS = {
     "metrics": 7,
     "studies": 7,
     "training": 8,
+    "serving": 8,  # the HTTP service: batcher, model side, FastAPI app
     "tools": 9,
     "app": 9,
     "train": 9,  # python -m ldm.train / sample / evaluate: command lines
     "sample": 9,
     "evaluate": 9,
     "study": 9,
+    "serve": 9,
 }
 
 

@@ -278,11 +278,11 @@ class ImageService:
 
 
 def _quoted(text: str) -> str:
-    """A string as a quoted Hydra override value: a quote is escaped, and so are the
+    """A string as a double-quoted Hydra override value: a quote is escaped, and so are the
     backslashes before a quote or the closing one (Hydra reads the others literally)."""
-    text = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", text)
+    text = re.sub(r'(\\*)"', lambda m: m.group(1) * 2 + '\\"', text)
     text = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, text)
-    return f"'{text}'"
+    return f'"{text}"'
 
 
 def to_png(image: torch.Tensor) -> bytes:
