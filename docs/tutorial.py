@@ -30,6 +30,7 @@
 import base64
 import io
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -75,11 +76,11 @@ def show(images: torch.Tensor, title: str, nrow: int = 4) -> None:
 
 # %%
 start = time.perf_counter()
-run("-m", "ldm.train", "experiment=shapes_vae", "trainer.max_steps=200",
-    "trainer.val_check_interval=100", f"hydra.run.dir={work}/vae")  # fmt: skip
+run("-m", "ldm.train", "experiment=shapes_vae", "trainer.max_steps=150",
+    "trainer.val_check_interval=150", f"hydra.run.dir={work}/vae")  # fmt: skip
 vae = work / "vae" / "checkpoints" / "last.ckpt"
 run("-m", "ldm.train", "experiment=shapes_ldm", f"vae_checkpoint={vae}",
-    "trainer.max_steps=150", "trainer.val_check_interval=150", "data.batch_size=32",
+    "trainer.max_steps=120", "trainer.val_check_interval=120", "data.batch_size=32",
     "callbacks.samples=null",
     f"hydra.run.dir={work}/ldm")  # fmt: skip
 checkpoint = work / "ldm" / "checkpoints" / "last.ckpt"
@@ -96,7 +97,7 @@ pipeline = Pipeline.from_checkpoint(checkpoint)
 prompts = ["a large red circle in the center on a white background"] * 2 + [
     "a small blue square in the top left on a black background"
 ] * 2
-for name, steps in (("ddpm", 100), ("ddim", 20)):
+for name, steps in (("ddpm", 50), ("ddim", 20)):
     images = pipeline.generate(
         prompts, make_sampler(name, steps=steps), guidance_scale=3.0, seeds=[0, 1, 2, 3]
     )
@@ -106,18 +107,18 @@ for name, steps in (("ddpm", 100), ("ddim", 20)):
 # ## 3. FID against held-out images, by step count
 #
 # `evaluate.py` scores a grid of sampler settings against the held-out split, with the
-# bundled InceptionV3. 64 samples give a very biased FID (compare only at equal n); real
+# bundled InceptionV3. 48 samples give a very biased FID (compare only at equal n); real
 # studies use 1,000 or more and several seeds (`repeats=`).
 
 # %%
-run("-m", "ldm.evaluate", f"checkpoint={checkpoint}", "num_samples=64", "attributes=false",
+run("-m", "ldm.evaluate", f"checkpoint={checkpoint}", "num_samples=48", "attributes=false",
     "grid.steps=[5,10,25]", "grid.eta=[0.0,1.0]", f"hydra.run.dir={work}/eval")  # fmt: skip
 rows = json.loads((work / "eval" / "results.json").read_text())["rows"]
 for eta in (0.0, 1.0):
     points = sorted((r["steps"], r["fid"]) for r in rows if r["eta"] == eta)
     plt.plot(*zip(*points, strict=True), marker="o", label=f"DDIM, eta = {eta}")
 plt.xlabel("steps")
-plt.ylabel("FID (n = 64)")
+plt.ylabel("FID (n = 48)")
 plt.legend()
 plt.show()
 
@@ -125,13 +126,13 @@ plt.show()
 # ## 4. A LoRA
 #
 # `lora=attn` freezes the model and trains low-rank adapters on the attention projections
-# only; the run saves them alone as `adapter.safetensors`. Here: 30 steps at a high
+# only; the run saves them alone as `adapter.safetensors`. Here: 20 steps at a high
 # learning rate on the same data, just enough to see an adapter change the output (a real
 # one learns a niche: a product line, a house style; docs/lora.md).
 
 # %%
 run("-m", "ldm.train", "experiment=shapes_ldm", f"base={checkpoint}", "lora=attn",
-    "lora.rank=4", "task.optimizer.lr=1e-2", "trainer.max_steps=30", "data.batch_size=32",
+    "lora.rank=4", "task.optimizer.lr=1e-2", "trainer.max_steps=20", "data.batch_size=32",
     "callbacks.samples=null",
     "trainer.val_check_interval=30", f"hydra.run.dir={work}/lora")  # fmt: skip
 adapter = next((work / "lora").rglob("adapter.safetensors"))
@@ -157,23 +158,27 @@ print(f"mean pixel change at weight 1: {(rows[2] - rows[0]).abs().mean():.4f} (o
 # settings made each image, and the `sample.py` line that makes it again.
 
 # %%
+with socket.socket() as s:  # a free port
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+url = f"http://127.0.0.1:{port}"
 adapters_dir = work / "adapters"
 adapters_dir.mkdir(exist_ok=True)
 (adapters_dir / "style.safetensors").write_bytes(adapter.read_bytes())
 server = subprocess.Popen(
     [sys.executable, "-m", "ldm.serve", f"checkpoint={checkpoint}",
-     f"adapters_dir={adapters_dir}", "port=8765"],
+     f"adapters_dir={adapters_dir}", f"port={port}"],
     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
 )  # fmt: skip
 try:
     for _ in range(300):
         try:
-            if httpx.get("http://127.0.0.1:8765/readyz").status_code == 200:
+            if httpx.get(f"{url}/readyz").status_code == 200:
                 break
         except httpx.TransportError:
             time.sleep(0.2)
     reply = httpx.post(
-        "http://127.0.0.1:8765/v1/images",
+        f"{url}/v1/images",
         json={"prompt": prompts[0], "n": 2, "seed": 0, "steps": 20,
               "adapters": {"style.safetensors": 1.0}},
         timeout=120,

@@ -5,11 +5,9 @@ from pathlib import Path
 
 import jupytext
 import nbformat
-import pytest
 from nbclient import NotebookClient
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
-pytestmark = pytest.mark.xdist_group("server")  # it starts a server too: not beside those
 
 
 def test_the_notebook_is_its_source_without_outputs():

@@ -106,7 +106,7 @@ def test_the_response_regenerates_with_sample_py(server, tmp_path):
     image = body.json()["images"][0]
     args = shlex.split(image["sample_py"])
     assert args[:2] == ["python", "sample.py"] and "seed=11" in args
-    assert "negative_prompt='a green square'" in args
+    assert 'negative_prompt="a green square"' in args
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("sample", overrides=[*args[2:], "device=cpu"])
     threads = torch.get_num_threads()
