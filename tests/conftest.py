@@ -15,7 +15,9 @@ settings.load_profile("ldm")
 # and can make small tensor ops orders of magnitude slower.
 if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
     workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    torch.set_num_threads(threads)
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))  # the tests' subprocesses too
 
 
 def pytest_collection_modifyitems(config, items):
