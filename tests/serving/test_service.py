@@ -1,0 +1,68 @@
+"""The model side of the service in-process: class labels, sizes, and the bearer token's
+sources."""
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from ldm.app.serve import read_token
+from ldm.diffusion.schedules import make_schedule
+from ldm.models.conditioners import ClassEmbedder
+from ldm.models.unet import UNet
+from ldm.pipeline import Pipeline
+from ldm.serving.api import ImageRequest, _parse
+from ldm.serving.batcher import Job
+from ldm.serving.service import BadRequest, ImageService
+
+
+@pytest.fixture(scope="module")
+def service():
+    """A class-conditioned pixel-space pipeline (no VAE), untrained."""
+    torch.manual_seed(0)
+    unet = UNet(in_channels=3, out_channels=3, model_channels=16, channel_multipliers=[1, 2],
+                blocks_per_level=1, attention_levels=[1], num_heads=2, context_dim=None,
+                num_classes=11, norm_groups=8, mid_attention=False)  # fmt: skip
+    pipeline = Pipeline(unet, ClassEmbedder(10, dim=None), None, make_schedule("linear"),
+                        image_size=(8, 8))  # fmt: skip
+    return ImageService(pipeline.eval(), checkpoint="untrained", sizes=[8, 16])
+
+
+def _run(service, **body):
+    settings, work = _parse(service, ImageRequest(**body))
+    (pngs,) = service.run([Job(settings, len(work.seeds), work, None)])
+    return settings, work, pngs
+
+
+def test_labels_sizes_and_seeds(service):
+    settings, work, pngs = _run(service, labels=[3, 7], n=2, seed=5, steps=2, size=16)
+    assert work.inputs == [3, 3, 7, 7] and work.seeds == [5, 6, 5, 6]
+    assert settings.size == (16, 16) and len(pngs) == 4
+    assert pngs[0] != pngs[2]  # another label, the same seed
+    _, _, again = _run(service, labels=[3], seed=5, steps=2, size=16)
+    assert again[0] == pngs[0]
+    assert service.describe()["conditioning"] == "label"
+    with pytest.raises(BadRequest, match="give labels"):
+        _parse(service, ImageRequest(prompt="a cat"))
+    with pytest.raises(BadRequest, match="not served"):
+        _parse(service, ImageRequest(labels=[1], size=12))
+
+
+def test_sizes_must_suit_the_model(service):
+    with pytest.raises(ValueError, match="not a multiple of 2"):
+        ImageService(service.pipeline, checkpoint="x", sizes=[9])
+
+
+def test_the_token_comes_from_an_environment_variable_or_a_file(tmp_path, monkeypatch):
+    def cfg(**kw):
+        return OmegaConf.create({"token_env": None, "token_file": None, **kw})
+
+    assert read_token(cfg()) is None
+    monkeypatch.setenv("LDM_TEST_TOKEN", "abc")
+    assert read_token(cfg(token_env="LDM_TEST_TOKEN")) == "abc"
+    (tmp_path / "t").write_text("xyz\n")
+    assert read_token(cfg(token_file=str(tmp_path / "t"))) == "xyz"
+    with pytest.raises(ValueError, match="not both"):
+        read_token(cfg(token_env="LDM_TEST_TOKEN", token_file=str(tmp_path / "t")))
+    monkeypatch.setenv("LDM_TEST_TOKEN", "")
+    with pytest.raises(ValueError, match="empty"):
+        read_token(cfg(token_env="LDM_TEST_TOKEN"))
