@@ -8,6 +8,7 @@ import signal
 from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from ldm.app import CONFIG_PATH, reported
@@ -33,21 +34,33 @@ def read_token(cfg: DictConfig) -> str | None:
     return None
 
 
+def model_overrides(cfg: DictConfig) -> list[str]:
+    """The settings that shaped how the model loaded, for the sample.py lines the server
+    returns: ``ema=false``, and the command line's diffusion / model overrides."""
+    out = [] if cfg.ema else ["ema=false"]
+    if HydraConfig.initialized():
+        for override in HydraConfig.get().overrides.task:
+            key = override.lstrip("+~").split("=", 1)[0]
+            if key.startswith(("diffusion", "model/", "model.")):
+                out.append(override)
+    return out
+
+
 def build(cfg: DictConfig):  # -> FastAPI (imported lazily: the serve extra)
     """The service's app from a composed serve config."""
     from ldm.serving.api import create_app
     from ldm.serving.service import ImageService
 
-    if cfg.max_images > cfg.max_batch:
-        raise ValueError(f"max_images={cfg.max_images} exceeds max_batch={cfg.max_batch}")
+    checkpoint = Path(cfg.checkpoint)
     service = ImageService(
         load_model(cfg),
-        checkpoint=str(cfg.checkpoint),
+        checkpoint=str(checkpoint.resolve() if checkpoint.exists() else checkpoint),
         adapters_dir=cfg.adapters_dir,
         embeddings=list(cfg.embeddings),
         max_steps=cfg.max_steps,
         max_images=cfg.max_images,
         sizes=list(cfg.sizes) if cfg.sizes else None,
+        model_overrides=model_overrides(cfg),
     )
     return create_app(
         service,

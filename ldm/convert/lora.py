@@ -209,5 +209,5 @@ def read_any(path: str, unet: nn.Module) -> tuple[dict[str, Tensor], dict[str, A
 
 def split_spec(spec: str) -> tuple[str, float]:
     """An adapter given as ``path[:weight]`` -> (path, weight); the weight defaults to 1."""
-    match = re.fullmatch(r"(.+?)(?::(-?[0-9.]+))?", spec)
+    match = re.fullmatch(r"(.+?)(?::([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?))?", spec)
     return match.group(1), float(match.group(2) or 1.0)

@@ -156,7 +156,7 @@ class LoRALinear(nn.Linear, _LoRALayer):
     def add_adapter(self, name: str, rank: int, alpha: float, dropout: float) -> None:
         down = nn.Linear(self.in_features, rank, bias=False, device=self.weight.device)
         up = nn.Linear(rank, self.out_features, bias=False, device=self.weight.device)
-        self.lora[name] = _Adapter(down, up, rank, alpha, dropout)
+        self.lora[name] = _Adapter(down, up, rank, alpha, dropout).train(self.training)
 
 
 class LoRAConv2d(nn.Conv2d, _LoRALayer):
@@ -182,7 +182,7 @@ class LoRAConv2d(nn.Conv2d, _LoRALayer):
             device=self.weight.device,
         )
         up = nn.Conv2d(rank, self.out_channels, 1, bias=False, device=self.weight.device)
-        self.lora[name] = _Adapter(down, up, rank, alpha, dropout)
+        self.lora[name] = _Adapter(down, up, rank, alpha, dropout).train(self.training)
 
 
 class LoRAMultiheadAttention(nn.MultiheadAttention):
@@ -378,13 +378,13 @@ def load_adapter(
     missing = sorted(p for p in layers if p not in modules)
     if missing:
         raise ValueError(f"adapter layers not in the model: {', '.join(missing[:20])}")
+    for path in sorted(layers):  # everything checked before anything changes
+        _check_adapter_layer(modules[path], path, name, tensors)
     stored = dict(settings or {})
     for path in sorted(layers):
         down, up = tensors[f"{path}.lora_down.weight"], tensors[f"{path}.lora_up.weight"]
         rank, alpha = down.shape[0], layer_alpha(tensors, path, stored)
         layer = _as_lora(modules[path])
-        if name in layer.lora:
-            raise ValueError(f"{path} already has an adapter named {name!r}")
         layer.add_adapter(name, rank, alpha, float(stored.get("dropout", 0.0)))
         layer.lora[name].down.weight.data.copy_(down)
         layer.lora[name].up.weight.data.copy_(up)
@@ -394,6 +394,31 @@ def load_adapter(
         fields = {k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()}
         adapter_settings(model)[name] = LoRASettings(**fields)
     return sorted(layers)
+
+
+def _check_adapter_layer(
+    module: nn.Module, path: str, name: str, tensors: Mapping[str, Tensor]
+) -> None:
+    """A ValueError unless ``module`` can take adapter ``name`` shaped like ``tensors``."""
+    if not isinstance(module, nn.Linear | nn.Conv2d):
+        raise ValueError(f"{path} is a {type(module).__name__}: adapters go on Linear / Conv2d")
+    if isinstance(module, _LoRALayer) and name in module.lora:
+        raise ValueError(f"{path} already has an adapter named {name!r}")
+    down = tensors.get(f"{path}.lora_down.weight")
+    up = tensors.get(f"{path}.lora_up.weight")
+    if down is None or up is None:
+        raise ValueError(f"{path}: the adapter needs both lora_down and lora_up weights")
+    rank = down.shape[0]
+    if isinstance(module, nn.Linear):
+        want = ((rank, module.in_features), (module.out_features, rank))
+    else:
+        kernel = tuple(module.kernel_size)
+        want = ((rank, module.in_channels, *kernel), (module.out_channels, rank, 1, 1))
+    if (tuple(down.shape), tuple(up.shape)) != want:
+        raise ValueError(
+            f"{path}: adapter weights {tuple(down.shape)} / {tuple(up.shape)} do not fit the "
+            f"layer (expected {want[0]} / {want[1]}): an adapter of another model?"
+        )
 
 
 def remove_adapter(model: nn.Module, name: str) -> None:

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import logging
 import math
 import secrets
 import time
@@ -26,6 +28,8 @@ from pydantic import BaseModel, Field
 from ldm.serving.batcher import Batcher, QueueFull
 from ldm.serving.service import BadRequest, ImageService, Settings, Work
 
+log = logging.getLogger(__name__)
+
 
 class ImageRequest(BaseModel):
     """What ``POST /v1/images`` takes. Unset settings take the sampler's defaults."""
@@ -47,7 +51,7 @@ class ImageRequest(BaseModel):
         default_factory=dict, description="LoRA files of adapters_dir with weights"
     )
     response_format: Literal["json", "png"] = Field(
-        "json", description="json: base64 images with their seeds; png: the first image"
+        "json", description="json: base64 images with their seeds; png: one image's bytes"
     )
 
 
@@ -105,6 +109,8 @@ def create_app(
     token: str | None = None,
 ) -> FastAPI:
     """The FastAPI app serving ``service`` with dynamic batching."""
+    if service.max_images > max_batch:
+        raise ValueError(f"max_images={service.max_images} exceeds max_batch={max_batch}")
     registry, metric = _metrics()
     state: dict[str, Any] = {"ready": False}
 
@@ -132,7 +138,8 @@ def create_app(
 
     @app.get("/readyz")
     def readyz() -> Response:
-        ready = state["ready"]
+        batcher = state.get("batcher")
+        ready = bool(state["ready"] and batcher is not None and batcher.alive)
         return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
 
     @app.get("/metrics")
@@ -146,28 +153,38 @@ def create_app(
     def models() -> dict[str, Any]:
         return service.describe()
 
+    @app.middleware("http")
+    async def count(request: Request, call_next: Callable) -> Response:
+        """Every answer of /v1/images by status (401 and FastAPI's 422 too), and its time."""
+        if request.url.path != "/v1/images":
+            return await call_next(request)
+        start = time.perf_counter()
+        response = await call_next(request)
+        metric["requests"].labels(str(response.status_code)).inc()
+        metric["latency"].observe(time.perf_counter() - start)
+        return response
+
     @app.post("/v1/images", dependencies=protected)
     async def images(request: ImageRequest) -> Response:
-        start = time.perf_counter()
         try:
-            response = await _generate(request)
+            return await _generate(request)
         except BadRequest as err:
-            response = _unprocessable(err.field, str(err))
+            return _unprocessable(err.field, str(err))
         except QueueFull as err:
             retry = max(1, math.ceil(max_wait + timeout / 10))
-            response = JSONResponse(
+            return JSONResponse(
                 {"detail": f"busy: {err}; retry later"},
                 status_code=429,
                 headers={"Retry-After": str(retry)},
             )
-        except TimeoutError:
-            response = JSONResponse(
+        except asyncio.TimeoutError:  # TimeoutError from Python 3.11 on
+            return JSONResponse(
                 {"detail": f"not done within the request timeout ({timeout:g} s)"},
                 status_code=504,
             )
-        metric["requests"].labels(str(response.status_code)).inc()
-        metric["latency"].observe(time.perf_counter() - start)
-        return response
+        except Exception as err:  # the batch failed; the server goes on
+            log.exception("generation failed")
+            return JSONResponse({"detail": f"generation failed: {err}"}, status_code=500)
 
     async def _generate(request: ImageRequest) -> Response:
         settings, work = _parse(service, request)
@@ -208,6 +225,9 @@ def _parse(service: ImageService, request: ImageRequest) -> tuple[Settings, Work
     if service.labels:
         if request.labels is None or request.prompt is not None:
             raise BadRequest("labels", "this model is class-conditioned: give labels, not prompt")
+        if request.negative_prompt:
+            raise BadRequest("negative_prompt", "a class-conditioned model takes no prompts")
+        service.check_labels(request.labels)
         inputs: list[Any] = list(request.labels)
     elif service.pipeline.conditioner is None:
         inputs = [""]
@@ -217,15 +237,17 @@ def _parse(service: ImageService, request: ImageRequest) -> tuple[Settings, Work
         inputs = [request.prompt] if isinstance(request.prompt, str) else list(request.prompt)
         if not inputs:
             raise BadRequest("prompt", "give at least one prompt")
-        for i, text in enumerate(inputs):
-            service.check_prompt(
-                f"prompt.{i}" if isinstance(request.prompt, list) else "prompt", text
-            )
-        if request.negative_prompt:
-            service.check_prompt("negative_prompt", request.negative_prompt)
     total = len(inputs) * request.n
     if total > service.max_images:
         raise BadRequest("n", f"{total} images asked; at most {service.max_images} per request")
+    if request.response_format == "png" and total != 1:
+        raise BadRequest("response_format", f"png answers one image; {total} were asked: use json")
+    if not service.labels and service.pipeline.conditioner is not None:
+        listed = isinstance(request.prompt, list)
+        for i, text in enumerate(inputs):
+            service.check_prompt(f"prompt.{i}" if listed else "prompt", text)
+        if request.negative_prompt:
+            service.check_prompt("negative_prompt", request.negative_prompt)
     steps, eta = service.check_sampler(request.sampler, request.steps, request.eta)
     settings = Settings(
         sampler=request.sampler,

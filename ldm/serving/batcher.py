@@ -60,6 +60,11 @@ class Batcher:
         self._task: asyncio.Task | None = None
 
     @property
+    def alive(self) -> bool:
+        """The gathering loop runs."""
+        return self._task is not None and not self._task.done()
+
+    @property
     def depth(self) -> int:
         """Requests waiting (not yet in a running batch)."""
         return len(self.pending)
@@ -76,7 +81,7 @@ class Batcher:
         for job in self.pending:
             job.future.cancel()
         self.pending.clear()
-        self._executor.shutdown(wait=True)
+        self._executor.shutdown(wait=False, cancel_futures=True)  # never block the loop
 
     async def submit(
         self, key: Hashable, size: int, payload: Any, timeout: float | None = None
@@ -93,7 +98,7 @@ class Batcher:
         self._wake.set()
         try:
             return await asyncio.wait_for(asyncio.shield(job.future), timeout)
-        except (TimeoutError, asyncio.CancelledError):
+        except (asyncio.TimeoutError, asyncio.CancelledError):  # TimeoutError on 3.11+
             if job in self.pending:  # not started: it never runs
                 self.pending.remove(job)
                 job.future.cancel()
@@ -125,7 +130,7 @@ class Batcher:
             while not self._ready():  # gather until full or the first job waited max_wait
                 self._wake.clear()
                 left = self.max_wait - (time.monotonic() - self.pending[0].arrived)
-                with contextlib.suppress(TimeoutError):
+                with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), max(left, 0.0))
                 if not self.pending:  # every waiting job timed out
                     break

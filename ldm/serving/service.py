@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import re
 import shlex
 from collections.abc import Sequence
@@ -25,13 +26,14 @@ from torchvision.utils import save_image
 from ldm import CONF_DIR
 from ldm.convert.lora import read_any
 from ldm.diffusion.samplers import SAMPLERS, make_sampler
-from ldm.io import WeightsFileError
 from ldm.nn.lora import adapter_weights, load_adapter, remove_adapter, set_adapter_weights
 from ldm.pipeline import Pipeline, step_generators
 from ldm.serving.batcher import Job
 
 log = logging.getLogger(__name__)
 ADAPTER_SUFFIXES = (".safetensors",)
+MAX_ADAPTER_WEIGHT = 10.0
+MAX_PROMPT_CHARS = 4000  # longer is refused before tokenizing
 
 
 class BadRequest(ValueError):
@@ -81,10 +83,12 @@ class ImageService:
         max_steps: int = 250,
         max_images: int = 8,
         sizes: Sequence[int] | None = None,  # allowed square sides; None: the model's own
+        model_overrides: Sequence[str] = (),  # how the model was loaded (ema=, diffusion=...)
     ):
         self.pipeline, self.checkpoint = pipeline, checkpoint
         self.adapters_dir = Path(adapters_dir).resolve() if adapters_dir else None
         self.embeddings = list(embeddings)
+        self.model_overrides = list(model_overrides)  # repeated in the sample.py lines
         self.max_steps, self.max_images = max_steps, max_images
         height, width = pipeline.image_size
         self.sizes = sorted({(s, s) for s in sizes} if sizes else {(height, width)})
@@ -94,7 +98,8 @@ class ImageService:
                 raise ValueError(
                     f"size {size} is not a multiple of {multiple}, which the model needs"
                 )
-        self.loaded: dict[str, str] = {}  # adapter file -> adapter name in the networks
+        self.loaded: dict[str, str] = {}  # adapter file -> adapter name, in load order
+        self._adapter_count = 0
         self.samplers = {name: _sampler_config(name) for name in SAMPLERS}
         self.labels = getattr(pipeline.conditioner, "input_key", None) == "label"
 
@@ -133,6 +138,10 @@ class ImageService:
 
     def check_prompt(self, field: str, text: str) -> None:
         """A prompt longer than the tokenizer takes is refused (not cut)."""
+        if len(text) > MAX_PROMPT_CHARS:
+            raise BadRequest(
+                field, f"the prompt is {len(text)} characters; at most {MAX_PROMPT_CHARS}"
+            )
         conditioner = self.pipeline.conditioner
         tokenizer = getattr(conditioner, "tokenizer", None)
         if tokenizer is None or not hasattr(tokenizer, "encode"):
@@ -168,39 +177,52 @@ class ImageService:
         return steps, eta
 
     def check_adapters(self, adapters: dict[str, float]) -> tuple[tuple[str, float], ...]:
-        """Adapter file names (within ``adapters_dir`` only) with their weights."""
-        for name in adapters:
+        """Adapter file names (within ``adapters_dir`` only) with finite weights in
+        [-MAX_ADAPTER_WEIGHT, MAX_ADAPTER_WEIGHT]."""
+        for name, weight in adapters.items():
             field = f"adapters.{name}"
             if self.adapters_dir is None:
                 raise BadRequest(field, "this server has no adapters_dir: it serves no adapters")
-            path = (self.adapters_dir / name).resolve()
-            if (
-                Path(name).is_absolute()
-                or ".." in Path(name).parts
-                or path.parent != self.adapters_dir
-            ):
-                raise BadRequest(
-                    field, f"{name!r}: adapters are file names in the adapters directory"
-                )
-            if not path.is_file():
+            if not (math.isfinite(weight) and abs(weight) <= MAX_ADAPTER_WEIGHT):
+                raise BadRequest(field, f"weight {weight} is outside ±{MAX_ADAPTER_WEIGHT}")
+            try:
+                path = (self.adapters_dir / name).resolve()
+                inside = not Path(name).is_absolute() and ".." not in Path(name).parts
+                exists = inside and path.parent == self.adapters_dir and path.is_file()
+            except (ValueError, OSError):  # a NUL byte, a name too long
+                inside = exists = False
+            if not inside or path.parent != self.adapters_dir:
+                raise BadRequest(field, f"{name!r}: adapters are file names in adapters_dir")
+            if not exists:
                 raise BadRequest(field, f"no adapter {name!r}; available: {self.adapters()}")
         return tuple(sorted((name, float(weight)) for name, weight in adapters.items()))
+
+    def check_labels(self, labels: Sequence[int]) -> None:
+        classes = getattr(self.pipeline.conditioner, "num_classes", None)
+        if not labels:
+            raise BadRequest("labels", "give at least one label")
+        for i, label in enumerate(labels):
+            if classes is not None and not 0 <= label < classes:
+                raise BadRequest(f"labels.{i}", f"label {label} is outside 0..{classes - 1}")
 
     # ------------------------------------------------------------------ running
 
     def _load_adapter(self, file: str) -> str:
-        """Load an adapter file once; a corrupt file is a BadRequest naming it."""
+        """Load an adapter file once; one that cannot load is a BadRequest naming it, and
+        the model is left as it was (load_adapter checks every layer before it injects)."""
         if file not in self.loaded:
             networks = self.pipeline.networks()
-            name = f"serve{len(self.loaded)}"
+            name = f"serve{self._adapter_count}"
+            self._adapter_count += 1  # never reused, even after a failure
             try:
                 tensors, settings = read_any(str(self.adapters_dir / file), networks["unet"])
                 load_adapter(networks, tensors, name, settings, weight=0.0)
-            except (WeightsFileError, ValueError, KeyError) as err:
-                remove_adapter(networks, name)  # whatever part of it was injected
+            except Exception as err:  # a bad file must not take the server down
+                remove_adapter(networks, name)
                 raise BadRequest(
                     f"adapters.{file}", f"adapter {file!r} cannot be loaded: {err}"
                 ) from err
+            self.pipeline.eval()  # the new adapters too (no dropout while serving)
             self.loaded[file] = name
         return self.loaded[file]
 
@@ -269,11 +291,15 @@ class ImageService:
             args.append(f"sampler.eta={settings.eta}")
         if negative:
             args.append(f"negative_prompt={_quoted(negative)}")
-        if settings.adapters:
-            specs = ",".join(_quoted(f"{self.adapters_dir / f}:{w}") for f, w in settings.adapters)
+        active = [(f, w) for f, w in settings.adapters if w != 0.0]
+        if active:  # in load order: the order their updates are summed in
+            order = list(self.loaded)
+            active.sort(key=lambda fw: order.index(fw[0]) if fw[0] in order else len(order))
+            specs = ",".join(_quoted(f"{self.adapters_dir / f}:{w!r}") for f, w in active)
             args.append(f"adapters=[{specs}]")
         if self.embeddings:
             args.append(f"embeddings=[{','.join(map(_quoted, self.embeddings))}]")
+        args += self.model_overrides
         return "python sample.py " + " ".join(shlex.quote(a) for a in args)
 
 
@@ -282,7 +308,7 @@ def _quoted(text: str) -> str:
     backslashes before a quote or the closing one (Hydra reads the others literally)."""
     text = re.sub(r'(\\*)"', lambda m: m.group(1) * 2 + '\\"', text)
     text = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, text)
-    return f'"{text}"'
+    return '"' + text.replace("${", "\\${") + '"'
 
 
 def to_png(image: torch.Tensor) -> bytes:

@@ -57,10 +57,17 @@ def test_health_models_and_auth(server, model):
     assert httpx.post(f"{server}/v1/images", json={"prompt": PROMPT}).status_code == 401
     info = httpx.get(f"{server}/v1/models", headers=AUTH).json()
     assert info["checkpoint"] == str(model["checkpoint"]) and info["prediction"] == "eps"
-    assert info["adapters"] == ["broken.safetensors", "style.safetensors"]
+    assert info["adapters"] == [
+        "broken.safetensors",
+        "other_model.safetensors",
+        "style.safetensors",
+        "style2.safetensors",
+    ]
     assert "ddim" in info["samplers"] and info["image_size"] == [16, 16]
     assert httpx.get(f"{server}/docs").status_code == 200  # OpenAPI docs
     assert "/v1/images" in httpx.get(f"{server}/openapi.json").json()["paths"]
+    metrics = httpx.get(f"{server}/metrics").text
+    assert 'ldm_requests_total{status="401"}' in metrics  # every answer counts
 
 
 def test_an_image_does_not_depend_on_its_batch(server):
@@ -119,19 +126,27 @@ def test_the_response_regenerates_with_sample_py(server, tmp_path):
 
 
 def test_adapters_act_by_weight_and_stay_in_their_folder(server, model):
-    plain = _post(server, prompt=PROMPT, seed=1, steps=3, response_format="png").content
-    off = _post(server, prompt=PROMPT, seed=1, steps=3, response_format="png",
-                adapters={"style.safetensors": 0.0}).content  # fmt: skip
-    on = _post(server, prompt=PROMPT, seed=1, steps=3, response_format="png",
-               adapters={"style.safetensors": 1.0}).content  # fmt: skip
-    assert off == plain and on != plain
+    def png(**adapters):
+        body = dict(prompt=PROMPT, seed=1, steps=3, response_format="png", adapters=adapters)
+        response = _post(server, **body)
+        assert response.status_code == 200, response.text
+        return response.content
+
+    plain = png()
+    assert png(**{"style.safetensors": 0.0}) == plain
+    on = png(**{"style.safetensors": 1.0})
+    assert on != plain and png(**{"style.safetensors": 1.0}) == on  # no dropout when serving
+    assert png() == plain  # nothing left over from the last batch
     for name in ("../outside.safetensors", str(model["root"] / "outside.safetensors")):
         assert _field(_post(server, prompt=PROMPT, adapters={name: 1.0}))[1:] == ["adapters", name]
     assert _field(_post(server, prompt=PROMPT, adapters={"missing.safetensors": 1.0}))
-    broken = _post(server, prompt=PROMPT, steps=2, adapters={"broken.safetensors": 1.0})
-    assert _field(broken) == ["body", "adapters", "broken.safetensors"]
-    assert "broken.safetensors" in broken.json()["detail"][0]["msg"]
-    assert _post(server, prompt=PROMPT, steps=2).status_code == 200  # still serving
+    assert _field(_post(server, prompt=PROMPT, adapters={"style.safetensors": float("1e9")}))
+    for bad in ("broken.safetensors", "other_model.safetensors"):  # corrupt; wrong shapes
+        response = _post(server, prompt=PROMPT, steps=2, adapters={bad: 1.0})
+        assert _field(response) == ["body", "adapters", bad]
+        assert bad in response.json()["detail"][0]["msg"]
+    assert png() == plain  # still serving, the model untouched
+    assert png(**{"style2.safetensors": 1.0}) == on  # and a good adapter still loads
 
 
 @pytest.mark.parametrize(
@@ -149,6 +164,7 @@ def test_adapters_act_by_weight_and_stay_in_their_folder(server, model):
         ({"guidance": -1}, "guidance"),
         ({"labels": [1]}, "prompt"),
         ({"response_format": "gif"}, "response_format"),
+        ({"response_format": "png", "n": 2}, "response_format"),
     ],
 )
 def test_bad_requests_are_422_naming_the_field(server, body, field):

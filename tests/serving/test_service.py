@@ -45,6 +45,14 @@ def test_labels_sizes_and_seeds(service):
         _parse(service, ImageRequest(prompt="a cat"))
     with pytest.raises(BadRequest, match="not served"):
         _parse(service, ImageRequest(labels=[1], size=12))
+    for body, field in (
+        ({"labels": [3, 10]}, "labels.1"),  # 10 classes: 0..9
+        ({"labels": []}, "labels"),
+        ({"labels": [1], "negative_prompt": "a dog"}, "negative_prompt"),
+    ):
+        with pytest.raises(BadRequest) as err:
+            _parse(service, ImageRequest(**body))
+        assert err.value.field == field
 
 
 def test_sizes_must_suit_the_model(service):
