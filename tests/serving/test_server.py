@@ -108,8 +108,11 @@ def _batches(url: str) -> tuple[float, float]:
     return values["ldm_batch_images_count"], values["ldm_batch_images_sum"]
 
 
-def test_the_response_regenerates_with_sample_py(server, tmp_path):
-    body = _post(server, prompt=PROMPT, seed=11, steps=3, negative_prompt="a green square")
+@pytest.mark.parametrize(
+    "extra", [{}, {"eta": 0.5, "adapters": {"style.safetensors": 0.7}}], ids=["plain", "eta+lora"]
+)
+def test_the_response_regenerates_with_sample_py(server, tmp_path, extra):
+    body = _post(server, prompt=PROMPT, seed=11, steps=3, negative_prompt="a green square", **extra)
     image = body.json()["images"][0]
     args = shlex.split(image["sample_py"])
     assert args[:2] == ["python", "sample.py"] and "seed=11" in args
