@@ -29,6 +29,37 @@ def frechet_distance(mu1: Tensor, sigma1: Tensor, mu2: Tensor, sigma2: Tensor) -
     return (mu1 - mu2).square().sum() + sigma1.trace() + sigma2.trace() - 2 * root_trace
 
 
+CMMD_SIGMA, CMMD_SCALE = 10.0, 1000.0  # Jayasumana et al. 2024
+
+
+def rbf_mmd(
+    x: Tensor,
+    y: Tensor,
+    sigma: float = CMMD_SIGMA,
+    scale: float = CMMD_SCALE,
+    unbiased: bool = True,
+) -> Tensor:
+    """``scale * MMD^2`` of two sets (N, D) and (M, D) under the Gaussian RBF kernel
+    ``exp(-|a - b|^2 / (2 sigma^2))``, float64: CMMD on L2-normalised CLIP embeddings.
+    ``unbiased``: the U-statistic (no self-pairs; ~0 for two samples of one distribution,
+    as the paper states); False: the mean over all pairs, as google-research/cmmd's code
+    computes it."""
+    x, y = x.double(), y.double()
+
+    def mean_kernel(a: Tensor, b: Tensor, same: bool) -> Tensor:
+        k = torch.exp(-torch.cdist(a, b).square() / (2 * sigma**2))
+        if same and unbiased:
+            n = len(a)
+            return (k.sum() - k.diagonal().sum()) / (n * (n - 1))
+        return k.mean()
+
+    if unbiased and min(len(x), len(y)) < 2:
+        raise ValueError("the unbiased MMD needs at least 2 samples per set")
+    return scale * (
+        mean_kernel(x, x, True) + mean_kernel(y, y, True) - 2 * mean_kernel(x, y, False)
+    )
+
+
 def knn_radii(features: Tensor, k: int, chunk: int = 1024) -> Tensor:
     """Each point's distance to its k-th nearest other point of the same set."""
     return torch.cat(

@@ -159,3 +159,37 @@ def test_reference_cache_is_reused_and_invalidated(tmp_path):
     with pytest.raises(ValueError, match=r"refusing to compare: .*split: 'val' vs 'test'"):
         read_reference(path, expected)
     assert torch.equal(read_reference(path, record)[0], first)
+
+
+def _numpy_rbf_mmd(x, y, sigma=10.0, scale=1000.0, unbiased=True):
+    """MMD^2 with the Gaussian kernel, written out pair by pair in numpy."""
+    x, y = x.double().numpy(), y.double().numpy()
+
+    def k(a, b):
+        return np.exp(-((a - b) ** 2).sum() / (2 * sigma**2))
+
+    def within(a):
+        pairs = [
+            k(a[i], a[j]) for i in range(len(a)) for j in range(len(a)) if i != j or not unbiased
+        ]
+        return sum(pairs) / len(pairs)
+
+    across = np.mean([k(a, b) for a in x for b in y])
+    return scale * (within(x) + within(y) - 2 * across)
+
+
+@pytest.mark.parametrize("unbiased", [True, False])
+def test_cmmd_kernel_is_the_formula(unbiased):
+    from ldm.metrics.scores import rbf_mmd
+
+    generator = torch.Generator().manual_seed(4)
+    x = torch.nn.functional.normalize(torch.randn(30, 16, generator=generator), dim=1)
+    y = torch.nn.functional.normalize(torch.randn(25, 16, generator=generator) + 0.3, dim=1)
+    got = float(rbf_mmd(x, y, unbiased=unbiased))
+    assert got == pytest.approx(_numpy_rbf_mmd(x, y, unbiased=unbiased), abs=1e-6)
+    assert got > 0
+    # Two samples of one distribution: the unbiased estimate is ~0 (either sign); the
+    # biased one is positive, of order scale / n.
+    a, b = torch.randn(2, 400, 16, generator=generator).unbind()
+    a, b = torch.nn.functional.normalize(a, dim=1), torch.nn.functional.normalize(b, dim=1)
+    assert abs(float(rbf_mmd(a, b))) < 0.05 and float(rbf_mmd(a, a, unbiased=False)) == 0.0
