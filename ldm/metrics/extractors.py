@@ -12,6 +12,10 @@
   original checkpoint (PATH, else torch's hub cache), preprocessed as dgm-eval does (Stein et
   al. 2023): PIL bicubic resize to 224 x 224, ImageNet normalisation; the CLS token after the
   final norm (1024-d for ViT-L). FD on it is FD-DINOv2.
+* ``clip`` / ``clip:PATH`` / ``clip-ARCH[:PATH]``: L2-normalised CLIP image embeddings, as
+  CMMD (Jayasumana et al. 2024) takes them: OpenAI's ViT-L/14 at 336 px unless another
+  open_clip architecture is named; images in [0, 1] resized bicubically (no antialiasing)
+  to the model's size, CLIP mean / std. Weights from PATH or open_clip's local cache.
 * ``tiny``: a small random convolutional network with fixed weights, for tests.
 
 Every extractor takes uint8 images (B, 3, H, W) -- see ``to_uint8`` -- and has
@@ -276,9 +280,48 @@ class DINOv2Extractor(FeatureExtractor):
         return self.net(self.preprocess(images)).float(), None
 
 
+class CLIPExtractor(FeatureExtractor):
+    """CLIP image embeddings, L2-normalised, preprocessed as the CMMD reference code does
+    (google-research/cmmd): bicubic resize of [0, 1] images, CLIP normalisation."""
+
+    def __init__(self, arch: str = "ViT-L-14-336", path: str | Path | None = None):
+        super().__init__()
+        import open_clip
+        from open_clip.pretrained import get_pretrained_cfg
+
+        from ldm.models.openclip import find_openclip_weights
+
+        openai = get_pretrained_cfg(arch, "openai") or {}
+        path = Path(path) if path else find_openclip_weights(arch, "openai")
+        if not path.is_file():
+            raise FileNotFoundError(f"no CLIP weights at {path}")
+        self.net = open_clip.create_model(
+            arch, pretrained=str(path), force_quick_gelu=openai.get("quick_gelu", False)
+        ).eval()
+        size = self.net.visual.image_size
+        self.image_size = (size, size) if isinstance(size, int) else tuple(size)
+        mean, std = open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), False)
+        self.num_features = int(self.net.visual.output_dim)
+        self.provenance = {
+            "extractor": f"clip-{arch}",
+            "weights_sha256": file_digest(path),
+            "resize": f"{self.image_size[0]} px, bicubic on [0, 1], no antialias (CMMD)",
+        }
+
+    def features_and_logits(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
+        self._check(images)
+        x = images.float() / 255.0
+        x = F.interpolate(x, size=self.image_size, mode="bicubic", align_corners=False)
+        x = (x - self.mean) / self.std
+        return F.normalize(self.net.encode_image(x).float(), dim=-1), None
+
+
 def make_extractor(spec: str) -> FeatureExtractor:
     """``inception``, ``inception:PATH``, ``torchscript:PATH``, ``torchscript:fid-helper``,
-    ``dinov2[-ARCH][:PATH]`` or ``tiny``; building one never touches the network."""
+    ``dinov2[-ARCH][:PATH]``, ``clip[-ARCH][:PATH]`` or ``tiny``; building one never
+    touches the network."""
     kind, _, argument = spec.partition(":")
     if kind == "inception":
         return InceptionExtractor(argument or None)
@@ -290,7 +333,11 @@ def make_extractor(spec: str) -> FeatureExtractor:
         return DINOv2Extractor(
             kind.removeprefix("dinov2").removeprefix("-") or "vitl14", argument or None
         )
+    if kind == "clip" or kind.startswith("clip-"):
+        return CLIPExtractor(
+            kind.removeprefix("clip").removeprefix("-") or "ViT-L-14-336", argument or None
+        )
     raise ValueError(
         f"unknown feature extractor {spec!r}; use inception, inception:PATH, torchscript:PATH, "
-        "torchscript:fid-helper, dinov2[-ARCH][:PATH] or tiny"
+        "torchscript:fid-helper, dinov2[-ARCH][:PATH], clip[-ARCH][:PATH] or tiny"
     )
