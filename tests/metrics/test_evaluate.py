@@ -97,8 +97,12 @@ def _evaluate_cli(tmp_path, checkpoint, name, *extra):
 
 
 def test_one_and_two_processes_give_the_same_fid_and_kid(checkpoint, tmp_path):
-    one = _evaluate_cli(tmp_path, checkpoint, "one")
-    two = _evaluate_cli(tmp_path, checkpoint, "two", "fabric.devices=2", "fabric.strategy=ddp")
+    uneven = "num_samples=11"  # ranks make 6 and 5 samples: no hang, the same numbers
+    one = _evaluate_cli(tmp_path, checkpoint, "one", uneven)
+    two = _evaluate_cli(
+        tmp_path, checkpoint, "two", uneven, "fabric.devices=2", "fabric.strategy=ddp"
+    )
+    assert one["ddim"]["n"] == two["ddim"]["n"] == 11
     for sampler in ("ddpm", "ddim"):  # ddpm: per-sample step noise, whatever the rank
         for key in ("fid", "kid_mean", "kid_std", "precision", "recall", "is_mean", "attr_joint"):
             assert two[sampler][key] == pytest.approx(one[sampler][key], rel=1e-6, abs=1e-9), (
