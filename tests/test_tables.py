@@ -53,3 +53,19 @@ def test_cli_prints_percent_tables_and_plots_panels(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "g3: attr_joint (%)" in printed and "| 10 | 2 | 50.0 ± 0.0 | 50.0 ± 0.0 |" in printed
     assert out.stat().st_size > 5_000
+
+
+def test_summaries_give_mean_sd_and_min_over_repeats():
+    from ldm.metrics.sweep import summarize
+
+    base = {"sampler": "ddim", "steps": 10, "guidance": 1.0, "spacing": "trailing", "eta": 0.0}
+    runs = [
+        {**base, "n": 100, "nfe": 10, "seconds_per_image": 0.1, "fid": f, "repeat": i,
+         "fid_ci_low": f - 1, "fid_ci_high": f + 1}
+        for i, f in enumerate((30.0, 32.0, 34.0))
+    ]  # fmt: skip
+    (row,) = summarize(runs)
+    assert row["fid"] == 32.0 and row["fid_spread"] == 2.0 and row["fid_min"] == 30.0
+    assert "fid_ci_low" not in row  # per run only, with several repeats
+    (one,) = summarize(runs[:1])
+    assert one["fid_ci_low"] == 29.0 and one["fid_ci_high"] == 31.0

@@ -51,6 +51,7 @@ def evaluate(cfg: DictConfig, out_dir: str | Path) -> list[dict[str, Any]]:
         world_size=fabric.world_size,
         kid_subset_size=cfg.kid_subset_size,
         pr_k=cfg.get("precision_recall_k"),
+        bootstrap=cfg.get("bootstrap"),
         clip=instantiate(cfg.clip).to(fabric.device) if cfg.clip else None,
     )
     if fabric.global_rank == 0:  # what the scores are against, before any is made

@@ -29,6 +29,7 @@ from torchmetrics import Metric
 from ldm.data.builtin import SHAPE_ATTRIBUTES, ShapesDataset, parse_shapes_caption
 from ldm.io import read_safetensors, save_safetensors
 from ldm.metrics.extractors import to_uint8
+from ldm.metrics.scores import wilson_interval
 
 log = logging.getLogger(__name__)
 PREFIX = "attr_"  # result keys: attr_shape, ..., attr_joint
@@ -298,8 +299,11 @@ class AttributeAccuracy(Metric):
         self.total += stacked.shape[1]
 
     def compute(self) -> dict[str, float]:
+        """Accuracy per attribute and joint, with the joint's Wilson 95% interval."""
         values = (self.right / self.total.clamp_min(1)).tolist()
-        return {f"{PREFIX}{n}": v for n, v in zip([*self.names, JOINT], values, strict=True)}
+        out = {f"{PREFIX}{n}": v for n, v in zip([*self.names, JOINT], values, strict=True)}
+        low, high = wilson_interval(float(self.right[-1]), float(self.total))
+        return out | {f"{PREFIX}{JOINT}_ci_low": low, f"{PREFIX}{JOINT}_ci_high": high}
 
 
 def attribute_judge(

@@ -107,6 +107,7 @@ class Evaluator:
         world_size: int = 1,
         kid_subset_size: int = 1000,
         pr_k: int | None = 3,  # precision / recall neighbourhood; None: skip
+        bootstrap: int | None = None,  # resamples for FID's 95% interval; None: none
         clip: Callable[[Tensor, list[str]], Tensor] | None = None,  # uint8 images, captions -> (B,)
         attributes: AttributeJudge | None = None,  # prompt adherence on shapes captions
     ):
@@ -118,7 +119,7 @@ class Evaluator:
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.clip, self.attributes = clip, attributes
         self.metrics = GenerativeMetrics(
-            reference, kid_subset_size=kid_subset_size, seed=seed, pr_k=pr_k
+            reference, kid_subset_size=kid_subset_size, seed=seed, pr_k=pr_k, bootstrap=bootstrap
         )
         self.attribute_metric = (
             AttributeAccuracy(attributes.attributes) if attributes is not None else None
@@ -265,7 +266,10 @@ METRIC_KEYS = (
     "clip_score",
     *ATTRIBUTE_KEYS,
 )
-SPREAD_KEYS = ("fid", "kid_mean", "is_mean", "clip_score", *ATTRIBUTE_KEYS)
+# Spread (sd) and min over repeats for these; per-run 95% intervals (bootstrap for FID,
+# Wilson for the joint accuracy) are kept in each run and, with one repeat, in the summary.
+SPREAD_KEYS = tuple(k for k in METRIC_KEYS if k not in ("kid_std", "is_std"))
+INTERVAL_KEYS = ("fid_ci_low", "fid_ci_high", "attr_joint_ci_low", "attr_joint_ci_high")
 
 
 def summarize(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -287,6 +291,9 @@ def summarize(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
                 row[key] = statistics.fmean(values)
                 if len(values) > 1 and key in SPREAD_KEYS:
                     row[f"{key}_spread"] = statistics.stdev(values)
+                    row[f"{key}_min"] = min(values)
+        if len(members) == 1:
+            row |= {k: members[0][k] for k in INTERVAL_KEYS if k in members[0]}
         out.append(row)
     return out
 
@@ -298,6 +305,9 @@ def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
         for c in (
             "fid",
             "fid_spread",
+            "fid_min",
+            "fid_ci_low",
+            "fid_ci_high",
             "kid_mean",
             "precision",
             "recall",

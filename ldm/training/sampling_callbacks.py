@@ -269,7 +269,9 @@ class FIDCallback(L.Callback):
             result = self.evaluator.score(pl_module.pipeline(), self.point)
         finally:
             pl_module.train(was_training)
-        values = {f"val/{k}": v for k, v in result.items() if k.startswith("attr_")}
+        from ldm.metrics.attributes import RESULT_KEYS
+
+        values = {f"val/{k}": v for k, v in result.items() if k in RESULT_KEYS}
         if "fid" in result:
             values["val/fid"] = result["fid"]
         if "kid_mean" in result:

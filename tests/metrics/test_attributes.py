@@ -87,7 +87,9 @@ def test_the_metric_is_a_sum_over_batches_in_any_order(judge):
     for chunk in reversed(range(0, 90, 20)):
         metric.update(judge.correct(images[chunk : chunk + 20], captions[chunk : chunk + 20]))
     result = metric.compute()
-    assert set(result) == {f"attr_{n}" for n in [*SHAPE_ATTRIBUTES, "joint"]}
+    intervals = {"attr_joint_ci_low", "attr_joint_ci_high"}  # Wilson, 95%
+    assert set(result) == {f"attr_{n}" for n in [*SHAPE_ATTRIBUTES, "joint"]} | intervals
+    assert result["attr_joint_ci_low"] < result["attr_joint"] < result["attr_joint_ci_high"]
     for name, value in whole.items():
         assert result[f"attr_{name}"] == pytest.approx(value, abs=1e-12)
 

@@ -193,3 +193,31 @@ def test_cmmd_kernel_is_the_formula(unbiased):
     a, b = torch.randn(2, 400, 16, generator=generator).unbind()
     a, b = torch.nn.functional.normalize(a, dim=1), torch.nn.functional.normalize(b, dim=1)
     assert abs(float(rbf_mmd(a, b))) < 0.05 and float(rbf_mmd(a, a, unbiased=False)) == 0.0
+
+
+def test_bootstrap_interval_holds_fid_and_shrinks_with_n():
+    from ldm.metrics.scores import bootstrap_fid
+
+    generator = torch.Generator().manual_seed(5)
+    real = torch.randn(400, 4, generator=generator, dtype=torch.float64).float().double()
+    mu, sigma = real.mean(0), torch.cov(real.T)
+
+    def interval(n):
+        fake = torch.randn(n, 4, generator=generator, dtype=torch.float64) * 1.2 + 0.3
+        metrics = GenerativeMetrics(real.float(), kid_subset_size=50, pr_k=None, bootstrap=200)
+        metrics.update(fake.float(), torch.arange(n))
+        out = metrics.compute()
+        assert out["fid_ci_low"] < out["fid"] < out["fid_ci_high"]
+        want = bootstrap_fid(mu, sigma, fake.float().double(), 200)
+        assert (out["fid_ci_low"], out["fid_ci_high"]) == pytest.approx(want, rel=1e-6)
+        return out["fid_ci_high"] - out["fid_ci_low"]
+
+    assert interval(800) < interval(100)
+
+
+def test_wilson_interval():
+    from ldm.metrics.scores import wilson_interval
+
+    low, high = wilson_interval(95, 100)
+    assert low == pytest.approx(0.8882, abs=1e-4) and high == pytest.approx(0.9785, abs=1e-4)
+    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == pytest.approx(1.0)
