@@ -52,6 +52,7 @@ def evaluate(cfg: DictConfig, out_dir: str | Path) -> list[dict[str, Any]]:
         kid_subset_size=cfg.kid_subset_size,
         pr_k=cfg.get("precision_recall_k"),
         bootstrap=cfg.get("bootstrap"),
+        sample_dir=Path(out_dir) / "samples" if cfg.get("save_samples") else None,
         clip=instantiate(cfg.clip).to(fabric.device) if cfg.clip else None,
     )
     if fabric.global_rank == 0:  # what the scores are against, before any is made

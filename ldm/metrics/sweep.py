@@ -57,6 +57,12 @@ class GridPoint:
         eta = "" if self.eta is None else f", eta {self.eta:g}"
         return f"{self.sampler}{eta}, {self.spacing}, guidance {self.guidance:g}"
 
+    @property
+    def slug(self) -> str:
+        """A folder name for this point's samples."""
+        eta = "" if self.eta is None else f"_eta{self.eta:g}"
+        return f"{self.sampler}{eta}_{self.spacing}_g{self.guidance:g}_steps{self.steps}"
+
 
 def grid_points(grid: Mapping[str, Sequence[Any]]) -> list[GridPoint]:
     """The product of ``sampler x steps x guidance x spacing x eta``; eta only for the
@@ -110,6 +116,7 @@ class Evaluator:
         bootstrap: int | None = None,  # resamples for FID's 95% interval; None: none
         clip: Callable[[Tensor, list[str]], Tensor] | None = None,  # uint8 images, captions -> (B,)
         attributes: AttributeJudge | None = None,  # prompt adherence on shapes captions
+        sample_dir: str | Path | None = None,  # save every sample's PNG and features here
     ):
         if (reference is None) != (extractor is None):
             raise ValueError("give reference features and their extractor together, or neither")
@@ -118,6 +125,7 @@ class Evaluator:
         self.conditions, self.extractor, self.num_samples = conditions, extractor, num_samples
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.clip, self.attributes = clip, attributes
+        self.sample_dir = Path(sample_dir) if sample_dir is not None else None
         self.metrics = GenerativeMetrics(
             reference, kid_subset_size=kid_subset_size, seed=seed, pr_k=pr_k, bootstrap=bootstrap
         )
@@ -159,6 +167,7 @@ class Evaluator:
         sampler = _counting(make_sampler(point.sampler, **options), calls)
         mine = list(range(self.rank, self.num_samples, self.world_size))
         batches, start = 0, time.perf_counter()
+        saved = SampleWriter(self.sample_dir, point, repeat, self.rank) if self.sample_dir else None
         for first in range(0, len(mine), self.batch_size):
             indices = mine[first : first + self.batch_size]
             inputs, captions = self._inputs(pipeline, indices)
@@ -184,8 +193,12 @@ class Evaluator:
                 if self.attribute_metric is not None:
                     self.attribute_metric.update(self.attributes.correct(pixels, captions))
             self.metrics.update(features, torch.tensor(indices, device=device), logits, clip)
+            if saved is not None:
+                saved.add(indices, pixels, features)
             batches += 1
         seconds = time.perf_counter() - start
+        if saved is not None:
+            saved.close()
         result = self.metrics.compute()
         if self.attribute_metric is not None:
             result |= self.attribute_metric.compute()
@@ -198,6 +211,33 @@ class Evaluator:
             "seconds_per_image": seconds / max(1, len(mine)),  # this rank's share
             **result,
         }
+
+
+class SampleWriter:
+    """One run's samples as ``<dir>/<point>/r<repeat>/<index>.png``, and its features as
+    ``features-rank<r>.npz`` (``index``, ``features``), for other tools to rescore."""
+
+    def __init__(self, root: Path, point: GridPoint, repeat: int, rank: int):
+        self.folder = root / point.slug / f"r{repeat}"
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.rank, self.indices, self.features = rank, [], []
+
+    def add(self, indices: Sequence[int], pixels: Tensor, features: Tensor | None) -> None:
+        from PIL import Image
+
+        for index, image in zip(indices, pixels.cpu(), strict=True):
+            Image.fromarray(image.permute(1, 2, 0).numpy()).save(self.folder / f"{index:06d}.png")
+        self.indices += list(indices)
+        if features is not None:
+            self.features.append(features.float().cpu())
+
+    def close(self) -> None:
+        import numpy as np
+
+        arrays = {"index": np.asarray(self.indices)}
+        if self.features:
+            arrays["features"] = torch.cat(self.features).numpy()
+        np.savez(self.folder / f"features-rank{self.rank}.npz", **arrays)
 
 
 def build_evaluator(

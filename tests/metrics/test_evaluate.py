@@ -210,3 +210,31 @@ def test_an_interrupted_sweep_resumes_where_it_stopped(checkpoint, tmp_path):
         _compose(*settings, "grid.steps=[2]", "seed=1", "resume=false"), tmp_path / "out"
     )
     assert len(fresh) == 1
+
+
+def test_saved_samples_rescore_to_the_same_fid(checkpoint, tmp_path):
+    """save_samples=true writes what was scored: compare() on those PNGs against the cached
+    reference statistics gives the run's own FID."""
+    import numpy as np
+
+    from ldm.metrics.compare import compare
+    from ldm.metrics.extractors import make_extractor
+
+    cfg = _compose(
+        *BASE,
+        f"checkpoint={checkpoint}",
+        f"cache_dir={tmp_path / 'cache'}",
+        "grid.steps=[2]",
+        "attributes=false",
+        "save_samples=true",
+        "bootstrap=20",
+    )
+    (run,) = evaluate(cfg, tmp_path / "out")
+    folder = tmp_path / "out" / "samples" / "ddim_eta0_trailing_g3_steps2" / "r0"
+    assert len(list(folder.glob("*.png"))) == 12
+    saved = np.load(folder / "features-rank0.npz")
+    assert saved["index"].tolist() == list(range(12)) and saved["features"].shape == (12, 64)
+    (reference,) = (tmp_path / "cache").glob("reference-*.safetensors")
+    again = compare(reference, folder, make_extractor("tiny"), kid_subset_size=6)
+    assert again["fid"] == pytest.approx(run["fid"], rel=1e-5)
+    assert run["fid_ci_low"] <= run["fid"] <= run["fid_ci_high"]
