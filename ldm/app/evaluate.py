@@ -56,9 +56,10 @@ def evaluate(cfg: DictConfig, out_dir: str | Path) -> list[dict[str, Any]]:
         clip=instantiate(cfg.clip).to(fabric.device) if cfg.clip else None,
     )
     if fabric.global_rank == 0:  # what the scores are against, before any is made
-        if "extracted" in reference:
-            how = "extracted" if reference.pop("extracted") else "reused from the cache"
-            print(f"reference statistics: {how} ({reference['count']} samples)", flush=True)
+        for name, network in reference["networks"].items():
+            if "extracted" in network:
+                how = "extracted" if network.pop("extracted") else "reused from the cache"
+                print(f"reference statistics ({name}): {how} ({reference['count']} samples)")
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         (Path(out_dir) / "provenance.json").write_text(json.dumps(reference, indent=2, default=str))
     meta = OmegaConf.to_container(cfg, resolve=True) | {"world_size": fabric.world_size}

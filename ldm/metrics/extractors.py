@@ -344,6 +344,20 @@ class CLIPExtractor(FeatureExtractor):
         return F.normalize(self.net.encode_image(x).float(), dim=-1), None
 
 
+def network_name(spec: str) -> str:
+    """The name a spec's metrics carry in result columns: ``inception`` for the FID
+    Inception networks (``fid_inception``), ``inception_clean`` for clean-fid's resize,
+    ``dinov2``, ``clip``, ``tiny``, or a TorchScript file's stem."""
+    kind, _, argument = spec.partition(":")
+    if kind == "inception" or (kind == "torchscript" and argument == "fid-helper"):
+        return "inception"
+    if kind == "torchscript-clean":
+        return "inception_clean" if argument == "fid-helper" else f"{Path(argument).stem}_clean"
+    if kind == "torchscript":
+        return Path(argument).stem
+    return kind.split("-", 1)[0]  # dinov2-vitb14 -> dinov2, clip-ViT-B-32 -> clip
+
+
 def make_extractor(spec: str) -> FeatureExtractor:
     """``inception``, ``inception:PATH``, ``torchscript[-clean]:PATH``,
     ``torchscript[-clean]:fid-helper``, ``dinov2[-ARCH][:PATH]``, ``clip[-ARCH][:PATH]`` or

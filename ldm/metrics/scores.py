@@ -99,8 +99,8 @@ def _moments(total: Tensor, outer: Tensor, n: Tensor) -> tuple[Tensor, Tensor]:
 class GenerativeMetrics(Metric):
     """``update(features, index, logits=None, clip_scores=None)`` per batch of generated
     samples, then ``compute()`` -> ``{"fid", "kid_mean", "kid_std", "precision", "recall",
-    "is_mean", "is_std", "clip_score", "n_real", "n_fake"}`` (keys whose inputs were not
-    given are left out)."""
+    "is_mean", "is_std", "cmmd", "clip_score", "n_real", "n_fake"}`` (keys whose inputs or
+    options were not given are left out)."""
 
     full_state_update = False
 
@@ -114,6 +114,7 @@ class GenerativeMetrics(Metric):
         seed: int = 0,  # KID subsets and IS splits
         pr_k: int | None = 3,  # precision / recall neighbourhood; None: not computed
         bootstrap: int | None = None,  # resamples of the generated set for FID's 95% interval
+        cmmd: bool = False,  # also CMMD (rbf_mmd): for L2-normalised CLIP embeddings
     ):
         super().__init__()
         if reference is not None and (reference.ndim != 2 or len(reference) < 2):
@@ -122,7 +123,7 @@ class GenerativeMetrics(Metric):
             )
         self.kid_subsets, self.kid_subset_size = kid_subsets, kid_subset_size
         self.is_splits, self.seed, self.pr_k = is_splits, seed, pr_k
-        self.bootstrap = bootstrap
+        self.bootstrap, self.cmmd = bootstrap, cmmd
         self.with_features = reference is not None
         reference = reference if reference is not None else torch.zeros(2, 1)
         self.register_buffer("reference", reference.double(), persistent=False)
@@ -190,6 +191,8 @@ class GenerativeMetrics(Metric):
             out.update(kid_mean=float(kid.mean()), kid_std=float(kid.std(unbiased=False)))
         if self.pr_k is not None and min(len(real), len(fake)) > self.pr_k:
             out["precision"], out["recall"] = precision_recall(real, fake, self.pr_k)
+        if self.cmmd and min(len(real), len(fake)) >= 2:
+            out["cmmd"] = float(rbf_mmd(real, fake))
         if self.bootstrap:
             out["fid_ci_low"], out["fid_ci_high"] = bootstrap_fid(
                 mu_r, sigma_r, fake, self.bootstrap, self.seed

@@ -14,6 +14,7 @@ import inspect
 import itertools
 import json
 import logging
+import re
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -28,7 +29,7 @@ from torch.utils.data import Dataset
 from ldm.diffusion.samplers import get_sampler, make_sampler
 from ldm.metrics.attributes import RESULT_KEYS as ATTRIBUTE_KEYS
 from ldm.metrics.attributes import AttributeAccuracy, AttributeJudge, attribute_judge
-from ldm.metrics.extractors import FeatureExtractor, make_extractor, to_uint8
+from ldm.metrics.extractors import FeatureExtractor, make_extractor, network_name, to_uint8
 from ldm.metrics.reference import (
     content_digest,
     provenance,
@@ -96,15 +97,54 @@ def _counting(sampler: Callable[..., Tensor], calls: list[int]) -> Callable[...,
     return run
 
 
+@dataclass
+class Network:
+    """A feature network of an evaluation: its column name, extractor and reference
+    features (N, D) in sample order."""
+
+    name: str
+    extractor: FeatureExtractor
+    reference: Tensor
+
+
+# GenerativeMetrics' keys -> a network's result columns ({name}: the network's name).
+COLUMNS = {
+    "fid": "fd_{name}",  # fid_inception for the Inception networks: FID proper
+    "kid_mean": "kid_{name}",
+    "kid_std": "kid_std_{name}",
+    "precision": "precision_{name}",
+    "recall": "recall_{name}",
+    "is_mean": "is_{name}",
+    "is_std": "is_std_{name}",
+    "cmmd": "cmmd_{name}",
+    "fid_ci_low": "fd_{name}_ci_low",
+    "fid_ci_high": "fd_{name}_ci_high",
+}
+# The first network's metrics also keep their old names (fid, kid_mean, ...) for a release.
+LEGACY = ("fid", "kid_mean", "kid_std", "precision", "recall", "is_mean", "is_std")
+
+
+def network_columns(name: str, result: Mapping[str, float]) -> dict[str, float]:
+    """A network's metrics under its column names (``fid_inception``, ``fd_dinov2``, ...)."""
+    out = {}
+    for key, value in result.items():
+        if key in COLUMNS:
+            column = COLUMNS[key].format(name=name)
+            if name.startswith("inception"):
+                column = column.replace(f"fd_{name}", f"fid_{name}")
+            out[column] = value
+    return out
+
+
 class Evaluator:
-    """FID / KID / IS (and CLIP score) of generated samples against fixed reference
-    features, and prompt adherence (``attributes``), on one rank of ``world_size``."""
+    """FID / FD, KID, precision / recall, IS, CMMD per feature network (one generation pass
+    feeds them all), CLIP score and prompt adherence (``attributes``) of generated samples,
+    on one rank of ``world_size``."""
 
     def __init__(
         self,
-        reference: Tensor | None,  # (N, D) reference features in sample order; None: no FID
+        networks: Sequence[Network],  # none: no feature metrics
         conditions: Dataset | None,  # captions / labels of generated sample i: conditions[i % len]
-        extractor: FeatureExtractor | None,  # None: no feature metrics (FID, KID, IS, ...)
         *,
         num_samples: int,
         batch_size: int = 64,
@@ -118,26 +158,32 @@ class Evaluator:
         attributes: AttributeJudge | None = None,  # prompt adherence on shapes captions
         sample_dir: str | Path | None = None,  # save every sample's PNG and features here
     ):
-        if (reference is None) != (extractor is None):
-            raise ValueError("give reference features and their extractor together, or neither")
-        if extractor is None and attributes is None and clip is None:
+        if not networks and attributes is None and clip is None:
             raise ValueError("nothing to measure: give an extractor, attributes or clip")
-        self.conditions, self.extractor, self.num_samples = conditions, extractor, num_samples
+        names = [n.name for n in networks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"two feature networks share a name: {names}")
+        self.networks, self.conditions, self.num_samples = list(networks), conditions, num_samples
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.clip, self.attributes = clip, attributes
         self.sample_dir = Path(sample_dir) if sample_dir is not None else None
-        self.metrics = GenerativeMetrics(
-            reference, kid_subset_size=kid_subset_size, seed=seed, pr_k=pr_k, bootstrap=bootstrap
-        )
+        self.metrics = [
+            GenerativeMetrics(
+                n.reference, kid_subset_size=kid_subset_size, seed=seed, pr_k=pr_k,
+                bootstrap=bootstrap, cmmd=n.name == "clip",
+            )
+            for n in networks
+        ]  # fmt: skip
+        self.clip_metric = GenerativeMetrics(None) if clip is not None else None
         self.attribute_metric = (
             AttributeAccuracy(attributes.attributes) if attributes is not None else None
         )
-        if extractor is not None and num_samples < SMALL_N:
+        if networks and num_samples < SMALL_N:
             log.warning(
                 "FID from %d samples: its bias grows like 1/n (and below the feature width, "
                 "%d, the covariance is rank-deficient); compare FIDs only at equal n",
                 num_samples,
-                extractor.num_features,
+                networks[0].extractor.num_features,
             )
 
     def _inputs(self, pipeline: Pipeline, indices: Sequence[int]) -> tuple[Any, list[str]]:
@@ -155,11 +201,13 @@ class Evaluator:
     def score(self, pipeline: Pipeline, point: GridPoint, repeat: int = 0) -> dict[str, Any]:
         """Generate ``num_samples`` with ``point``'s settings and score them."""
         device = pipeline.device
-        self.metrics = self.metrics.to(device)
-        self.metrics.reset()
+        metrics = [m.to(device) for m in self.metrics]
+        if self.clip_metric is not None:
+            metrics.append(self.clip_metric.to(device))
         if self.attribute_metric is not None:
-            self.attribute_metric = self.attribute_metric.to(device)
-            self.attribute_metric.reset()
+            metrics.append(self.attribute_metric.to(device))
+        for metric in metrics:
+            metric.reset()
         options = {"steps": point.steps, "spacing": point.spacing}
         if point.eta is not None:
             options["eta"] = point.eta
@@ -184,22 +232,31 @@ class Evaluator:
                     generator=generators,
                 )
                 pixels = to_uint8(images)
-                features, logits = (
-                    self.extractor.features_and_logits(pixels)
-                    if self.extractor is not None
-                    else (None, None)
-                )
-                clip = self.clip(pixels, captions) if self.clip is not None and captions else None
+                index = torch.tensor(indices, device=device)
+                first = None  # the first network's features: what SampleWriter keeps
+                for network, metric in zip(self.networks, self.metrics, strict=True):
+                    features, logits = network.extractor.features_and_logits(pixels)
+                    metric.update(features, index, logits)
+                    first = features if first is None else first
+                if self.clip_metric is not None and captions:
+                    self.clip_metric.update(None, index, clip_scores=self.clip(pixels, captions))
                 if self.attribute_metric is not None:
                     self.attribute_metric.update(self.attributes.correct(pixels, captions))
-            self.metrics.update(features, torch.tensor(indices, device=device), logits, clip)
             if saved is not None:
-                saved.add(indices, pixels, features)
+                saved.add(indices, pixels, first)
             batches += 1
         seconds = time.perf_counter() - start
         if saved is not None:
             saved.close()
-        result = self.metrics.compute()
+        result: dict[str, float] = {}
+        for position, (network, metric) in enumerate(zip(self.networks, self.metrics, strict=True)):
+            scores = metric.compute()
+            if position == 0:
+                kept = (*LEGACY, "fid_ci_low", "fid_ci_high", "n_real", "n_fake")
+                result |= {k: v for k, v in scores.items() if k in kept}
+            result |= network_columns(network.name, scores)
+        if self.clip_metric is not None:
+            result |= self.clip_metric.compute()
         if self.attribute_metric is not None:
             result |= self.attribute_metric.compute()
         nfe = calls[0] / batches if batches else float("nan")
@@ -214,8 +271,9 @@ class Evaluator:
 
 
 class SampleWriter:
-    """One run's samples as ``<dir>/<point>/r<repeat>/<index>.png``, and its features as
-    ``features-rank<r>.npz`` (``index``, ``features``), for other tools to rescore."""
+    """One run's samples as ``<dir>/<point>/r<repeat>/<index>.png``, and the first feature
+    network's features as ``features-rank<r>.npz`` (``index``, ``features``), for other
+    tools to rescore."""
 
     def __init__(self, root: Path, point: GridPoint, repeat: int, rank: int):
         self.folder = root / point.slug / f"r{repeat}"
@@ -246,33 +304,40 @@ def build_evaluator(
     *,
     image_size: int,
     conditioner: Any,  # the model's (attributes are judged for caption-conditioned models)
-    extractor: str | None,  # a make_extractor spec; None: no feature metrics
+    extractor: str | Sequence[str] | None,  # make_extractor spec(s); None: no feature metrics
     num_samples: int,
     cache_dir: str | Path,
     reference_count: int | None = None,  # default num_samples (at most the split's size)
-    reference_stats: str | Path | None = None,  # given statistics (their provenance must match)
+    reference_stats: str | Path | None = None,  # given statistics (first network; must match)
     attributes: bool | str | None = "auto",
     attribute_classifier: Mapping[str, Any] | None = None,
     device: torch.device | str = "cpu",
     **settings: Any,  # the Evaluator's: batch_size, seed, rank, world_size, kid_subset_size, ...
 ) -> tuple[Evaluator, dict[str, Any]]:
     """The Evaluator that evaluate.py and the FID callback both use, and what its reference
-    is: ``{"dataset_config", "split", "count", "extracted"}``. Reference statistics are
-    shared through ``cache_dir`` (one provenance, ``source_config(data.factory)``);
-    "extracted" (whether they were extracted now) is absent for ``reference_stats``."""
+    is: ``{"dataset_config", "split", "count", "networks": {name: {"spec", "extracted"}}}``.
+    Reference statistics are shared through ``cache_dir`` (one provenance per network,
+    ``source_config(data.factory)``); "extracted" is absent for ``reference_stats``."""
     conditions = data.dataset(split)
     count = min(reference_count or num_samples, len(conditions))
     about = {"dataset_config": source_config(data.factory), "split": split, "count": count}
-    features, reference = None, None
-    if extractor is not None:
-        features = make_extractor(extractor).to(device)
-        if reference_stats:
+    specs = (
+        [] if extractor is None else [extractor] if isinstance(extractor, str) else list(extractor)
+    )
+    networks, described = [], {}
+    for position, spec in enumerate(specs):
+        features = make_extractor(spec).to(device)
+        name, k = network_name(spec), 2
+        while name in described:  # tiny and tiny:32: tiny, tiny_2
+            name, k = f"{network_name(spec)}_{k}", k + 1
+        described[name] = {"spec": spec}
+        if reference_stats and position == 0:
             digest = content_digest(conditions, count)
             expected = provenance(about["dataset_config"], split, count, features, digest)
             reference, _ = read_reference(reference_stats, expected)
         else:
             rank_settings = {k: settings[k] for k in ("rank", "world_size") if k in settings}
-            reference, _, about["extracted"] = reference_features(
+            reference, _, described[name]["extracted"] = reference_features(
                 conditions,
                 features,
                 **about,
@@ -281,35 +346,33 @@ def build_evaluator(
                 device=device,
                 **rank_settings,
             )
-        reference = reference.to(device)
+        networks.append(Network(name, features, reference.to(device)))
     judge = attribute_judge(
         attributes, conditions, image_size, cache_dir, conditioner, attribute_classifier
     )
     if judge is not None:
         judge = judge.to(device)
     evaluator = Evaluator(
-        reference, conditions, features, num_samples=num_samples, attributes=judge, **settings
+        networks, conditions, num_samples=num_samples, attributes=judge, **settings
     )
-    return evaluator, about
+    return evaluator, about | {"networks": described}
 
 
 # --------------------------------------------------------------------------- results
 
-METRIC_KEYS = (
-    "fid",
-    "kid_mean",
-    "kid_std",
-    "precision",
-    "recall",
-    "is_mean",
-    "is_std",
-    "clip_score",
-    *ATTRIBUTE_KEYS,
-)
-# Spread (sd) and min over repeats for these; per-run 95% intervals (bootstrap for FID,
-# Wilson for the joint accuracy) are kept in each run and, with one repeat, in the summary.
-SPREAD_KEYS = tuple(k for k in METRIC_KEYS if k not in ("kid_std", "is_std"))
-INTERVAL_KEYS = ("fid_ci_low", "fid_ci_high", "attr_joint_ci_low", "attr_joint_ci_high")
+# Not metrics: what a run was, not what it scored.
+RUN_KEYS = {"sampler", "steps", "guidance", "spacing", "eta", "repeat", "n", "nfe"}
+RUN_KEYS |= {"seconds_per_image", "n_real", "n_fake"}
+# No spread or min over repeats for these (spreads already, or per-run intervals, kept in
+# each run and, with one repeat, in the summary).
+NO_SPREAD = re.compile(r"(^kid_std|^is_std|_ci_low$|_ci_high$)")
+
+
+def metric_keys(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The metric columns the runs carry, in first-seen order (legacy names, then each
+    network's, then CLIP score and attributes)."""
+    keys = dict.fromkeys(k for row in rows for k in row if k not in RUN_KEYS)
+    return [k for k in keys if all(isinstance(r.get(k, 0.0), int | float) for r in rows)]
 
 
 def summarize(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -325,17 +388,24 @@ def summarize(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         }
         row["repeats"] = len(members)
         row["seconds_per_image"] = statistics.fmean(m["seconds_per_image"] for m in members)
-        for key in METRIC_KEYS:
+        for key in metric_keys(members):
             values = [m[key] for m in members if key in m]
-            if values:
-                row[key] = statistics.fmean(values)
-                if len(values) > 1 and key in SPREAD_KEYS:
-                    row[f"{key}_spread"] = statistics.stdev(values)
-                    row[f"{key}_min"] = min(values)
-        if len(members) == 1:
-            row |= {k: members[0][k] for k in INTERVAL_KEYS if k in members[0]}
+            if len(members) > 1 and NO_SPREAD.search(key) and key.endswith(("_low", "_high")):
+                continue  # a run's own interval: per run only
+            row[key] = statistics.fmean(values)
+            if len(values) > 1 and not NO_SPREAD.search(key):
+                row[f"{key}_spread"] = statistics.stdev(values)
+                row[f"{key}_min"] = min(values)
         out.append(row)
     return out
+
+
+def network_headlines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Each feature network's distance columns (fid_inception, fd_dinov2, cmmd_clip, ...)."""
+    pattern = re.compile(
+        r"^(fid|fd|cmmd)_(?!spread$|min$|ci_)[a-z0-9_]+?(?<!_spread)(?<!_min)(?<!_ci_low)(?<!_ci_high)$"
+    )
+    return [k for k in dict.fromkeys(k for r in rows for k in r) if pattern.match(k)]
 
 
 def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
@@ -352,6 +422,7 @@ def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
             "precision",
             "recall",
             "is_mean",
+            *network_headlines(rows),
             "clip_score",
             *ATTRIBUTE_KEYS,
             "attr_joint_spread",

@@ -270,12 +270,14 @@ class FIDCallback(L.Callback):
         finally:
             pl_module.train(was_training)
         from ldm.metrics.attributes import RESULT_KEYS
+        from ldm.metrics.sweep import network_headlines
 
         values = {f"val/{k}": v for k, v in result.items() if k in RESULT_KEYS}
         if "fid" in result:
             values["val/fid"] = result["fid"]
         if "kid_mean" in result:
             values["val/kid"] = result["kid_mean"]
+        values |= {f"val/{k}": result[k] for k in network_headlines([result])}  # fd_dinov2, ...
         for logger in trainer.loggers:
             logger.log_metrics(values, step=step)
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in values.items()})

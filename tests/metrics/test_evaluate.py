@@ -238,3 +238,31 @@ def test_saved_samples_rescore_to_the_same_fid(checkpoint, tmp_path):
     again = compare(reference, folder, make_extractor("tiny"), kid_subset_size=6)
     assert again["fid"] == pytest.approx(run["fid"], rel=1e-5)
     assert run["fid_ci_low"] <= run["fid"] <= run["fid_ci_high"]
+
+
+def test_several_feature_networks_share_one_generation_pass(checkpoint, tmp_path):
+    """extractor=[...]: a column set per network, the first one's also under the old names;
+    a CLIP network adds CMMD."""
+    import open_clip
+    import torch
+
+    torch.manual_seed(0)
+    weights = tmp_path / "clip.pt"
+    torch.save(open_clip.create_model("ViT-B-32", force_quick_gelu=True).state_dict(), weights)
+    cfg = _compose(
+        *BASE,
+        f"checkpoint={checkpoint}",
+        f"cache_dir={tmp_path / 'cache'}",
+        "grid.steps=[2]",
+        "attributes=false",
+        f"extractor=[tiny,tiny:32,clip-ViT-B-32:{weights}]",
+    )
+    (run,) = evaluate(cfg, tmp_path / "out")
+    assert run["fid"] == run["fd_tiny"] and run["kid_mean"] == run["kid_tiny"]
+    assert run["fd_tiny_2"] != run["fd_tiny"]  # another network, other features
+    assert {"fd_clip", "cmmd_clip", "precision_clip"} <= set(run) and "cmmd_tiny" not in run
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert all(c in table for c in ("fd_tiny_2", "fd_clip", "cmmd_clip"))
+    provenance = json.loads((tmp_path / "out" / "provenance.json").read_text())
+    assert list(provenance["networks"]) == ["tiny", "tiny_2", "clip"]
+    assert len(list((tmp_path / "cache").glob("reference-*.safetensors"))) == 3
