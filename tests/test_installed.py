@@ -82,3 +82,4 @@ def test_the_installed_package_runs_every_command_line(installed, tmp_path):
     _run(installed, tmp_path, "-m", "ldm.data.prepare", "src=photos", "out=shards",
          "progress=false", "near_duplicate_bits=null")  # fmt: skip
     assert any((tmp_path / "shards").rglob("*.tar"))
+    assert not (tmp_path / ".hydra").exists()  # the tools write only what they are asked to
