@@ -56,7 +56,7 @@ def test_cli_prints_percent_tables_and_plots_panels(tmp_path, capsys):
 
 
 def test_summaries_give_mean_sd_and_min_over_repeats():
-    from ldm.metrics.sweep import summarize
+    from ldm.metrics.results import summarize
 
     base = {"sampler": "ddim", "steps": 10, "guidance": 1.0, "spacing": "trailing", "eta": 0.0}
     runs = [

@@ -17,13 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 from ldm.app import CONFIG_PATH, reported
 from ldm.app.sample import load_model
 from ldm.metrics.attributes import headline
-from ldm.metrics.sweep import (
-    build_evaluator,
-    grid_points,
-    markdown_table,
-    summarize,
-    write_results,
-)
+from ldm.metrics.results import markdown_table, summarize, write_results
+from ldm.metrics.sweep import build_evaluator, grid_points
 
 
 def evaluate(cfg: DictConfig, out_dir: str | Path) -> list[dict[str, Any]]:

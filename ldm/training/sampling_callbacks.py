@@ -270,7 +270,7 @@ class FIDCallback(L.Callback):
         finally:
             pl_module.train(was_training)
         from ldm.metrics.attributes import RESULT_KEYS
-        from ldm.metrics.sweep import network_headlines
+        from ldm.metrics.results import network_headlines
 
         values = {f"val/{k}": v for k, v in result.items() if k in RESULT_KEYS}
         if "fid" in result:
