@@ -243,6 +243,20 @@ class Evaluator:
         seconds = time.perf_counter() - start
         if saved is not None:
             saved.close()
+        result = self._results()
+        nfe = calls[0] / batches if batches else float("nan")
+        return {
+            **asdict(point),
+            "repeat": repeat,
+            "n": self.num_samples,
+            "nfe": nfe,
+            "seconds_per_image": seconds / max(1, len(mine)),  # this rank's share
+            **result,
+        }
+
+    def _results(self) -> dict[str, float]:
+        """Every metric's value: each network's columns (the first's under the old names
+        too), CLIP score, attributes."""
         result: dict[str, float] = {}
         for position, (network, metric) in enumerate(zip(self.networks, self.metrics, strict=True)):
             scores = metric.compute()
@@ -254,15 +268,7 @@ class Evaluator:
             result |= self.clip_metric.compute()
         if self.attribute_metric is not None:
             result |= self.attribute_metric.compute()
-        nfe = calls[0] / batches if batches else float("nan")
-        return {
-            **asdict(point),
-            "repeat": repeat,
-            "n": self.num_samples,
-            "nfe": nfe,
-            "seconds_per_image": seconds / max(1, len(mine)),  # this rank's share
-            **result,
-        }
+        return result
 
 
 class SampleWriter:

@@ -114,21 +114,9 @@ def create_app(
     registry, metric = _metrics()
     state: dict[str, Any] = {"ready": False}
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        batcher = Batcher(
-            service.run,
-            max_batch=max_batch,
-            max_wait=max_wait,
-            max_queue=max_queue,
-            on_batch=metric["batch"].observe,
-        )
-        batcher.start()
-        state.update(batcher=batcher, ready=True)
-        yield
-        state["ready"] = False
-        await batcher.stop()
-
+    lifespan = _lifespan(
+        service, state, metric, max_batch=max_batch, max_wait=max_wait, max_queue=max_queue
+    )
     app = FastAPI(title="ldm", summary="Latent diffusion image generation", lifespan=lifespan)
     protected = [Depends(_auth(token))]
 
@@ -167,57 +155,78 @@ def create_app(
     @app.post("/v1/images", dependencies=protected)
     async def images(request: ImageRequest) -> Response:
         try:
-            return await _generate(request)
-        except BadRequest as err:
-            return _unprocessable(err.field, str(err))
-        except QueueFull as err:
-            retry = max(1, math.ceil(max_wait + timeout / 10))
-            return JSONResponse(
-                {"detail": f"busy: {err}; retry later"},
-                status_code=429,
-                headers={"Retry-After": str(retry)},
-            )
-        except asyncio.TimeoutError:  # TimeoutError from Python 3.11 on
-            return JSONResponse(
-                {"detail": f"not done within the request timeout ({timeout:g} s)"},
-                status_code=504,
-            )
-        except Exception as err:  # the batch failed; the server goes on
-            log.exception("generation failed")
-            return JSONResponse({"detail": f"generation failed: {err}"}, status_code=500)
-
-    async def _generate(request: ImageRequest) -> Response:
-        settings, work = _parse(service, request)
-        pngs = await state["batcher"].submit(settings, len(work.seeds), work, timeout)
+            settings, work = _parse(service, request)
+            pngs = await state["batcher"].submit(settings, len(work.seeds), work, timeout)
+        except Exception as err:
+            return _failure(err, retry=max(1, math.ceil(max_wait + timeout / 10)), timeout=timeout)
         metric["images"].inc(len(pngs))
-        if request.response_format == "png":
-            return Response(pngs[0], media_type="image/png", headers={"X-Seed": str(work.seeds[0])})
-        negative = request.negative_prompt
-        return JSONResponse(
-            {
-                "settings": {
-                    "sampler": settings.sampler,
-                    "steps": settings.steps,
-                    "guidance": settings.guidance,
-                    "guidance_rescale": settings.guidance_rescale,
-                    "eta": settings.eta,
-                    "size": list(settings.size),
-                    "adapters": dict(settings.adapters),
-                    "negative_prompt": negative,
-                },
-                "images": [
-                    {
-                        "prompt": prompt,
-                        "seed": seed,
-                        "png_base64": base64.b64encode(png).decode(),
-                        "sample_py": service.regenerate(settings, prompt, negative, seed),
-                    }
-                    for prompt, seed, png in zip(work.inputs, work.seeds, pngs, strict=True)
-                ],
-            }
-        )
+        return _answer(service, request, settings, work, pngs)
 
     return app
+
+
+def _lifespan(
+    service: ImageService, state: dict[str, Any], metric: dict[str, Any], **batching: Any
+) -> Callable[[FastAPI], Any]:
+    """Start the batcher with the app, stop it (and report not ready) at shutdown."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        batcher = Batcher(service.run, on_batch=metric["batch"].observe, **batching)
+        batcher.start()
+        state.update(batcher=batcher, ready=True)
+        yield
+        state["ready"] = False
+        await batcher.stop()
+
+    return lifespan
+
+
+def _failure(err: Exception, *, retry: int, timeout: float) -> JSONResponse:
+    """The answer to a request that produced no images."""
+    if isinstance(err, BadRequest):
+        return _unprocessable(err.field, str(err))
+    if isinstance(err, QueueFull):
+        return JSONResponse(
+            {"detail": f"busy: {err}; retry later"},
+            status_code=429,
+            headers={"Retry-After": str(retry)},
+        )
+    if isinstance(err, asyncio.TimeoutError):  # TimeoutError from Python 3.11 on
+        return JSONResponse(
+            {"detail": f"not done within the request timeout ({timeout:g} s)"}, status_code=504
+        )
+    log.error("generation failed", exc_info=err)  # the batch failed; the server goes on
+    return JSONResponse({"detail": f"generation failed: {err}"}, status_code=500)
+
+
+def _answer(
+    service: ImageService, request: ImageRequest, settings: Settings, work: Work, pngs: list
+) -> Response:
+    """One PNG, or JSON with every image, its seed and the sample.py line that remakes it."""
+    if request.response_format == "png":
+        return Response(pngs[0], media_type="image/png", headers={"X-Seed": str(work.seeds[0])})
+    negative = request.negative_prompt
+    shared = {
+        "sampler": settings.sampler,
+        "steps": settings.steps,
+        "guidance": settings.guidance,
+        "guidance_rescale": settings.guidance_rescale,
+        "eta": settings.eta,
+        "size": list(settings.size),
+        "adapters": dict(settings.adapters),
+        "negative_prompt": negative,
+    }
+    images = [
+        {
+            "prompt": prompt,
+            "seed": seed,
+            "png_base64": base64.b64encode(png).decode(),
+            "sample_py": service.regenerate(settings, prompt, negative, seed),
+        }
+        for prompt, seed, png in zip(work.inputs, work.seeds, pngs, strict=True)
+    ]
+    return JSONResponse({"settings": shared, "images": images})
 
 
 def _parse(service: ImageService, request: ImageRequest) -> tuple[Settings, Work]:
