@@ -308,7 +308,7 @@ def test_config_defaults_match_the_function():
     from omegaconf import OmegaConf
 
     conf = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "prepare.yaml"))
-    del conf["defaults"], conf["src"], conf["out"]
+    del conf["defaults"], conf["src"], conf["out"], conf["hydra"]
     defaults = {
         name: p.default
         for name, p in inspect.signature(prepare).parameters.items()
