@@ -17,9 +17,10 @@ from ldm.metrics.sweep import GridPoint
 # Not metrics: what a run was, not what it scored.
 RUN_KEYS = {"sampler", "steps", "guidance", "spacing", "eta", "repeat", "n", "nfe"}
 RUN_KEYS |= {"seconds_per_image", "n_real", "n_fake"}
-# No spread or min over repeats for these (spreads already, or per-run intervals, kept in
-# each run and, with one repeat, in the summary).
-NO_SPREAD = re.compile(r"(^kid_std|^is_std|_ci_low$|_ci_high$)")
+# Spreads already: no spread or min over repeats of these.
+NO_SPREAD = re.compile(r"^(kid_std|is_std)")
+# A run's own 95% interval: kept per run, and in the summary only with one repeat.
+INTERVAL = re.compile(r"_ci_(low|high)$")
 
 
 def metric_keys(rows: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -43,9 +44,11 @@ def summarize(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         row["repeats"] = len(members)
         row["seconds_per_image"] = statistics.fmean(m["seconds_per_image"] for m in members)
         for key in metric_keys(members):
+            if INTERVAL.search(key):
+                if len(members) == 1:
+                    row[key] = members[0][key]
+                continue
             values = [m[key] for m in members if key in m]
-            if len(members) > 1 and NO_SPREAD.search(key) and key.endswith(("_low", "_high")):
-                continue  # a run's own interval: per run only
             row[key] = statistics.fmean(values)
             if len(values) > 1 and not NO_SPREAD.search(key):
                 row[f"{key}_spread"] = statistics.stdev(values)

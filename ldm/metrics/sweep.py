@@ -102,9 +102,10 @@ class Network:
     reference: Tensor
 
 
-# GenerativeMetrics' keys -> a network's result columns ({name}: the network's name).
+# GenerativeMetrics' keys -> a network's result columns ({fd}: fid for the Inception
+# networks, FID proper, else fd; {name}: the network's name).
 COLUMNS = {
-    "fid": "fd_{name}",  # fid_inception for the Inception networks: FID proper
+    "fid": "{fd}_{name}",
     "kid_mean": "kid_{name}",
     "kid_std": "kid_std_{name}",
     "precision": "precision_{name}",
@@ -112,8 +113,8 @@ COLUMNS = {
     "is_mean": "is_{name}",
     "is_std": "is_std_{name}",
     "cmmd": "cmmd_{name}",
-    "fid_ci_low": "fd_{name}_ci_low",
-    "fid_ci_high": "fd_{name}_ci_high",
+    "fid_ci_low": "{fd}_{name}_ci_low",
+    "fid_ci_high": "{fd}_{name}_ci_high",
 }
 # The first network's metrics also keep their old names (fid, kid_mean, ...) for a release.
 LEGACY = ("fid", "kid_mean", "kid_std", "precision", "recall", "is_mean", "is_std")
@@ -121,14 +122,8 @@ LEGACY = ("fid", "kid_mean", "kid_std", "precision", "recall", "is_mean", "is_st
 
 def network_columns(name: str, result: Mapping[str, float]) -> dict[str, float]:
     """A network's metrics under its column names (``fid_inception``, ``fd_dinov2``, ...)."""
-    out = {}
-    for key, value in result.items():
-        if key in COLUMNS:
-            column = COLUMNS[key].format(name=name)
-            if name.startswith("inception"):
-                column = column.replace(f"fd_{name}", f"fid_{name}")
-            out[column] = value
-    return out
+    fd = "fid" if name.startswith("inception") else "fd"
+    return {COLUMNS[k].format(fd=fd, name=name): v for k, v in result.items() if k in COLUMNS}
 
 
 class Evaluator:
