@@ -119,3 +119,12 @@ def test_sample_reads_every_format(tmp_path):
     with pytest.raises(ValueError, match="not a LoRA file"):
         read_any(str(tmp_path / "other.safetensors"), ours)
     assert json.loads(metadata["lora_adapter_metadata"])["unet.lora_alpha"] == 8.0
+
+
+def test_adapter_specs_take_a_weight_in_any_float_notation():
+    from ldm.convert.lora import split_spec
+
+    assert split_spec("style.safetensors") == ("style.safetensors", 1.0)
+    assert split_spec("style.safetensors:0.8") == ("style.safetensors", 0.8)
+    assert split_spec("style.safetensors:1e-05") == ("style.safetensors", 1e-05)
+    assert split_spec("c:/loras/x.safetensors:-.5") == ("c:/loras/x.safetensors", -0.5)

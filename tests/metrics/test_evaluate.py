@@ -127,6 +127,7 @@ def test_fid_callback_logs_during_training(tmp_path):
     header = lines[0].split(",")
     fids = [row.split(",")[header.index("val/fid")] for row in lines[1:]]
     assert len([f for f in fids if f]) == 2  # steps 2 and 4
+    assert "val/fd_tiny" in header  # each network's headline column too
     # evaluate.py on the same split, n and extractor reuses the callback's statistics.
     cache = tmp_path / "reference_stats"
     written = sorted(p.name for p in cache.glob("reference-*"))

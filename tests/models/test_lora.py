@@ -174,3 +174,28 @@ def test_openclip_attention_adapters_take_effect(tmp_path):
     load_adapter(fresh, tensors, "style", info["settings"])
     with torch.no_grad():
         torch.testing.assert_close(fresh(CAPTIONS)["context"], adapted, rtol=0, atol=1e-6)
+
+
+def test_load_adapter_checks_every_layer_first_and_follows_eval_mode():
+    from torch import nn
+
+    model = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Linear(6, 3)).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    good = {"0.lora_down.weight": torch.ones(2, 4), "0.lora_up.weight": torch.ones(6, 2)}
+    wrong_shape = {
+        **good,
+        "2.lora_down.weight": torch.ones(2, 5),
+        "2.lora_up.weight": torch.ones(3, 2),
+    }
+    not_linear = {
+        **good,
+        "1.lora_down.weight": torch.ones(2, 6),
+        "1.lora_up.weight": torch.ones(6, 2),
+    }
+    for bad, match in ((wrong_shape, "do not fit the layer"), (not_linear, "is a LayerNorm")):
+        with pytest.raises(ValueError, match=match):
+            load_adapter(model, bad, "x", {"dropout": 0.5})
+        assert not lora_layers(model) and model.state_dict().keys() == before.keys()
+    load_adapter(model, good, "x", {"dropout": 0.5})
+    adapter = lora_layers(model)["0"].lora["x"]
+    assert not adapter.training  # the model is in eval mode: no dropout
