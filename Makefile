@@ -50,7 +50,8 @@ study: $(STAMP)  ## sampler study on analytic data: table + plots under outputs/
 	$(PYTHON) study.py
 
 DDIM := $(or $(LDM_OUTPUT_DIR),outputs)/ddim_study
-DDIM_GRID := num_samples=1000 reference_count=1000 'grid.eta=[0.0,0.5,1.0]' \
+DDIM_GRID := num_samples=1000 reference_count=1000 \
+	'grid.samplers=[{name:ddim,spacing:trailing,eta:[0.0,0.5,1.0]}]' \
 	cache_dir=$(BENCH)/reference_stats
 
 # The DDIM paper's eta x steps table on the model of benchmark-shapes, with its network and

@@ -112,7 +112,8 @@ for name, steps in (("ddpm", 50), ("ddim", 20)):
 
 # %%
 run("-m", "ldm.evaluate", f"checkpoint={checkpoint}", "num_samples=48", "attributes=false",
-    "grid.steps=[5,10,25]", "grid.eta=[0.0,1.0]", f"hydra.run.dir={work}/eval")  # fmt: skip
+    "grid.steps=[5,10,25]", "grid.samplers=[{name:ddim,eta:[0.0,1.0]}]",
+    f"hydra.run.dir={work}/eval")  # fmt: skip
 rows = json.loads((work / "eval" / "results.json").read_text())["rows"]
 for eta in (0.0, 1.0):
     points = sorted((r["steps"], r["fid"]) for r in rows if r["eta"] == eta)

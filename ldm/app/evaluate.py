@@ -4,7 +4,6 @@ settings in; FID / KID / IS (/ CLIP score) per grid point out, on 1 or N process
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ from ldm.app import CONFIG_PATH, reported
 from ldm.app.sample import load_model
 from ldm.metrics.attributes import headline
 from ldm.metrics.results import markdown_table, summarize, write_results
-from ldm.metrics.sweep import build_evaluator, grid_points
+from ldm.metrics.sweep import GridPoint, build_evaluator, grid_points
 
 
 def evaluate(cfg: DictConfig, out_dir: str | Path) -> list[dict[str, Any]]:
@@ -59,12 +58,12 @@ def evaluate(cfg: DictConfig, out_dir: str | Path) -> list[dict[str, Any]]:
         (Path(out_dir) / "provenance.json").write_text(json.dumps(reference, indent=2, default=str))
     meta = OmegaConf.to_container(cfg, resolve=True) | {"world_size": fabric.world_size}
     rows = previous_runs(out_dir, meta) if cfg.get("resume", True) else []
-    done = {_run_key(row) for row in rows}
+    done = {(GridPoint.from_row(row).key, row["repeat"]) for row in rows}
     if rows and fabric.global_rank == 0:
         print(f"resuming: {len(rows)} runs already in {out_dir}/results.json", flush=True)
-    for point in grid_points(cfg.grid):
+    for point in grid_points(OmegaConf.to_container(cfg.grid, resolve=True)):
         for repeat in range(cfg.repeats):
-            if _run_key(asdict(point) | {"repeat": repeat}) in done:
+            if (point.key, repeat) in done:
                 continue
             row = evaluator.score(pipeline, point, repeat)
             rows.append(row)
@@ -82,11 +81,6 @@ def evaluate(cfg: DictConfig, out_dir: str | Path) -> list[dict[str, Any]]:
 # What a run's scores depend on besides its grid point and repeat; the grid, the repeats and
 # how the work is spread may change between a run and its resumption.
 _FREE_KEYS = {"grid", "repeats", "resume", "fabric", "world_size", "device", "batch_size"}
-_POINT_KEYS = ("sampler", "steps", "guidance", "spacing", "eta", "repeat")
-
-
-def _run_key(run: dict[str, Any]) -> tuple:
-    return tuple(run[k] for k in _POINT_KEYS)
 
 
 def previous_runs(out_dir: str | Path, meta: dict[str, Any]) -> list[dict[str, Any]]:

@@ -21,6 +21,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -402,7 +403,18 @@ def get_sampler(name: str) -> Callable[..., Tensor]:
         raise ValueError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}") from None
 
 
-_SPACING_OPTS = ("offset", "rho")
+# What the pipeline or the caller supplies: not a sampler's own settings.
+_NOT_OPTIONS = ("model", "x_T", "schedule", "steps", "prediction", "generator", "callback")
+
+
+def sampler_options(name: str) -> dict[str, Any]:
+    """Every setting sampler ``name`` takes (spacing's ``offset`` and ``rho`` included), at
+    its default: what a grid may sweep."""
+    params = inspect.signature(get_sampler(name)).parameters
+    options = {k: p.default for k, p in params.items() if k not in _NOT_OPTIONS}
+    options.pop("spacing_opts", None)
+    spacing = inspect.signature(Schedule.sampling_points).parameters
+    return options | {k: spacing[k].default for k in ("offset", "rho")}
 
 
 def make_sampler(name: str, **opts) -> Callable[..., Tensor]:
@@ -411,13 +423,10 @@ def make_sampler(name: str, **opts) -> Callable[..., Tensor]:
     Options are checked against the sampler's signature now, so a typo in a config fails
     at start-up, not at the first sample.
     """
-    fn = get_sampler(name)
-    params = inspect.signature(fn).parameters
-    allowed = {p for p in params if p not in ("model", "x_T", "schedule", "spacing_opts")}
-    unknown = sorted(set(opts) - allowed - set(_SPACING_OPTS))
+    allowed = {*sampler_options(name), *_NOT_OPTIONS[3:]}
+    unknown = sorted(set(opts) - allowed)
     if unknown:
         raise ValueError(
-            f"sampler {name!r} takes no option(s) {unknown}; it takes "
-            f"{sorted(allowed | set(_SPACING_OPTS))}"
+            f"sampler {name!r} takes no option(s) {unknown}; it takes {sorted(allowed)}"
         )
-    return partial(fn, **opts)
+    return partial(get_sampler(name), **opts)

@@ -15,7 +15,7 @@ from ldm.metrics.attributes import RESULT_KEYS as ATTRIBUTE_KEYS
 from ldm.metrics.sweep import GridPoint
 
 # Not metrics: what a run was, not what it scored.
-RUN_KEYS = {"sampler", "steps", "guidance", "spacing", "eta", "repeat", "n", "nfe"}
+RUN_KEYS = {"sampler", "steps", "guidance", "spacing", "eta", "options", "repeat", "n", "nfe"}
 RUN_KEYS |= {"seconds_per_image", "n_real", "n_fake"}
 # Spreads already: no spread or min over repeats of these.
 NO_SPREAD = re.compile(r"^(kid_std|is_std)")
@@ -34,13 +34,10 @@ def summarize(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """One row per grid point: metrics averaged over repeats, with their spread."""
     groups: dict[tuple, list[Mapping[str, Any]]] = {}
     for row in rows:
-        key = tuple(row[k] for k in ("sampler", "steps", "guidance", "spacing", "eta"))
-        groups.setdefault(key, []).append(row)
+        groups.setdefault(GridPoint.from_row(row).key, []).append(row)
     out = []
     for members in groups.values():
-        row = {
-            k: members[0][k] for k in ("sampler", "steps", "guidance", "spacing", "eta", "n", "nfe")
-        }
+        row = GridPoint.from_row(members[0]).row | {k: members[0][k] for k in ("n", "nfe")}
         row["repeats"] = len(members)
         row["seconds_per_image"] = statistics.fmean(m["seconds_per_image"] for m in members)
         for key in metric_keys(members):
@@ -66,7 +63,9 @@ def network_headlines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
 
 
 def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
-    columns = ["sampler", "eta", "spacing", "guidance", "steps", "nfe", "n"]
+    columns = ["sampler", "eta", "spacing", "options", "guidance", "steps", "nfe", "n"]
+    if not any(row.get("options") for row in rows):
+        columns.remove("options")
     columns += [
         c
         for c in (
@@ -92,7 +91,9 @@ def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
         cells = []
         for column in columns:
             value = row.get(column, "")
-            if isinstance(value, float):
+            if column == "options":
+                value = ", ".join(f"{k}={v}" for k, v in (value or {}).items())
+            elif isinstance(value, float):
                 value = f"{value:.4g}" if column != "nfe" else f"{value:.0f}"
             cells.append("" if value is None else str(value))
         lines.append("| " + " | ".join(cells) + " |")
@@ -112,9 +113,7 @@ def plot_fid_vs_nfe(
     figure, axis = plt.subplots(figsize=(6.4, 4.2))
     lines: dict[str, list[tuple[float, float, float]]] = {}
     for row in rows:
-        label = GridPoint(
-            row["sampler"], row["steps"], row["guidance"], row["spacing"], row["eta"]
-        ).label
+        label = GridPoint.from_row(row).label
         lines.setdefault(label, []).append(
             (row["nfe"], row[metric], row.get(f"{metric}_spread", 0.0))
         )

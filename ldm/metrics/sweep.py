@@ -9,12 +9,11 @@ sample, and the metric states are synchronised, so 1 and N processes agree.
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from ldm.diffusion.samplers import get_sampler, make_sampler
+from ldm.diffusion.samplers import make_sampler, sampler_options
 from ldm.metrics.attributes import AttributeAccuracy, AttributeJudge, attribute_judge
 from ldm.metrics.extractors import FeatureExtractor, make_extractor, network_name, to_uint8
 from ldm.metrics.reference import (
@@ -42,41 +41,128 @@ SMALL_N = 5000  # below this, FIDs are biased upward (~1/n) and only comparable 
 
 @dataclass(frozen=True)
 class GridPoint:
+    """One sampler configuration at one step count and guidance scale."""
+
     sampler: str
     steps: int
     guidance: float
-    spacing: str
-    eta: float | None  # samplers without eta: None
+    options: tuple[tuple[str, Any], ...] = ()  # the sampler's options the grid set, by name
+
+    @classmethod
+    def make(cls, sampler: str, steps: int, guidance: float, **options: Any) -> GridPoint:
+        """A point, its option names checked against the sampler's signature."""
+        unknown = sorted(set(options) - set(sampler_options(sampler)))
+        if unknown:
+            raise ValueError(
+                f"sampler {sampler!r} takes no option(s) {unknown}; it takes "
+                f"{sorted(sampler_options(sampler))}"
+            )
+        return cls(sampler, int(steps), float(guidance), tuple(sorted(options.items())))
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> GridPoint:
+        """The point a results row was made at (rows of earlier releases included)."""
+        options = {"spacing": row["spacing"]} | dict(row.get("options") or {})
+        if row.get("eta") is not None:
+            options["eta"] = row["eta"]
+        return cls.make(row["sampler"], row["steps"], row["guidance"], **options)
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """Every option of the sampler: the grid's, else the sampler's default."""
+        return sampler_options(self.sampler) | dict(self.options)
+
+    @property
+    def spacing(self) -> str:
+        return self.settings["spacing"]
+
+    @property
+    def eta(self) -> float | None:  # samplers without eta: None
+        return self.settings.get("eta")
+
+    @property
+    def extra(self) -> dict[str, Any]:
+        """The options the grid set besides spacing and eta (``s_churn``, ``rho``, ...)."""
+        return {k: v for k, v in self.options if k not in ("spacing", "eta")}
+
+    @property
+    def key(self) -> tuple:
+        """What the samples depend on: equal for the same settings however they were given."""
+        return (self.sampler, self.steps, self.guidance, tuple(sorted(self.settings.items())))
+
+    @property
+    def row(self) -> dict[str, Any]:
+        """The columns that name this point in results."""
+        columns = {"sampler": self.sampler, "steps": self.steps, "guidance": self.guidance}
+        return columns | {"spacing": self.spacing, "eta": self.eta, "options": self.extra}
 
     @property
     def label(self) -> str:
         eta = "" if self.eta is None else f", eta {self.eta:g}"
-        return f"{self.sampler}{eta}, {self.spacing}, guidance {self.guidance:g}"
+        extra = "".join(f", {k} {_text(v)}" for k, v in self.extra.items())
+        return f"{self.sampler}{eta}, {self.spacing}{extra}, guidance {self.guidance:g}"
 
     @property
     def slug(self) -> str:
         """A folder name for this point's samples."""
         eta = "" if self.eta is None else f"_eta{self.eta:g}"
-        return f"{self.sampler}{eta}_{self.spacing}_g{self.guidance:g}_steps{self.steps}"
+        extra = "".join(f"_{k}{_text(v)}" for k, v in self.extra.items())
+        return f"{self.sampler}{eta}_{self.spacing}{extra}_g{self.guidance:g}_steps{self.steps}"
+
+    def make_sampler(self) -> Callable[..., Tensor]:
+        return make_sampler(self.sampler, steps=self.steps, **dict(self.options))
 
 
-def grid_points(grid: Mapping[str, Sequence[Any]]) -> list[GridPoint]:
-    """The product of ``sampler x steps x guidance x spacing x eta``; eta only for the
-    samplers that take it (the others appear once per other setting)."""
-    points: dict[GridPoint, None] = {}
-    for name, steps, guidance, spacing, eta in itertools.product(
-        grid["sampler"], grid["steps"], grid["guidance"], grid["spacing"], grid.get("eta", [None])
-    ):
-        takes_eta = "eta" in inspect.signature(get_sampler(name)).parameters
-        point = GridPoint(
-            name,
-            int(steps),
-            float(guidance),
-            spacing,
-            float(eta) if takes_eta and eta is not None else None,
-        )
-        points[point] = None
-    return list(points)
+def _text(value: Any) -> str:
+    return (
+        f"{value:g}"
+        if isinstance(value, int | float) and not isinstance(value, bool)
+        else str(value)
+    )
+
+
+# The shorthand of earlier releases: grid.sampler names the samplers, grid.spacing and grid.eta
+# set those options on each of them (eta where the sampler takes it).
+SHORTHAND = ("sampler", "spacing", "eta")
+
+
+def sampler_configs(grid: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """``grid.samplers`` as ``{name: ..., option: value or list}`` mappings (a bare name is
+    ``{name: ...}``), with the shorthand keys applied."""
+    configs = [
+        dict(c) if isinstance(c, Mapping) else {"name": c} for c in grid.get("samplers") or []
+    ]
+    if grid.get("sampler") is not None:
+        configs = [{"name": name} for name in grid["sampler"]]
+    for config in configs:
+        if "name" not in config:
+            raise ValueError(f"grid.samplers entry {config} has no name: add name: ddim (say)")
+        takes = sampler_options(config["name"])
+        for key in ("spacing", "eta"):
+            if grid.get(key) is not None and key in takes:
+                config[key] = list(grid[key])
+    if not configs:
+        raise ValueError("grid.samplers is empty: add one, e.g. grid.samplers=[ddim]")
+    return configs
+
+
+def grid_points(grid: Mapping[str, Any]) -> list[GridPoint]:
+    """Every configuration of ``grid.samplers`` (an option given as a list is swept) x
+    ``grid.steps`` x ``grid.guidance``; a point given twice counts once. Option names are
+    checked here, before any sample is made."""
+    points: dict[tuple, GridPoint] = {}
+    for config in sampler_configs(grid):
+        swept = {
+            k: list(v) if isinstance(v, Sequence) and not isinstance(v, str) else [v]
+            for k, v in config.items()
+            if k != "name"
+        }
+        for steps, guidance in itertools.product(grid["steps"], grid["guidance"]):
+            for values in itertools.product(*swept.values()):
+                options = dict(zip(swept, values, strict=True))
+                point = GridPoint.make(config["name"], steps, guidance, **options)
+                points.setdefault(point.key, point)
+    return list(points.values())
 
 
 def _counting(sampler: Callable[..., Tensor], calls: list[int]) -> Callable[..., Tensor]:
@@ -198,11 +284,8 @@ class Evaluator:
             metrics.append(self.attribute_metric.to(device))
         for metric in metrics:
             metric.reset()
-        options = {"steps": point.steps, "spacing": point.spacing}
-        if point.eta is not None:
-            options["eta"] = point.eta
         calls = [0]
-        sampler = _counting(make_sampler(point.sampler, **options), calls)
+        sampler = _counting(point.make_sampler(), calls)
         mine = list(range(self.rank, self.num_samples, self.world_size))
         batches, start = 0, time.perf_counter()
         saved = SampleWriter(self.sample_dir, point, repeat, self.rank) if self.sample_dir else None
@@ -241,7 +324,7 @@ class Evaluator:
         result = self._results()
         nfe = calls[0] / batches if batches else float("nan")
         return {
-            **asdict(point),
+            **point.row,
             "repeat": repeat,
             "n": self.num_samples,
             "nfe": nfe,

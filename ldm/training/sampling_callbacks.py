@@ -204,8 +204,9 @@ class FIDCallback(L.Callback):
         attribute_classifier: Mapping[str, Any] | None = None,  # its settings (tests: smaller)
         sampler: str = "ddim",
         steps: int = 50,
-        spacing: str = "trailing",
-        eta: float | None = 0.0,
+        spacing: str | None = None,  # None: the sampler's default (trailing for ddim)
+        eta: float | None = None,  # None: the sampler's default (ddim 0, euler_ancestral 1)
+        options: Mapping[str, Any] | None = None,  # any other sampler option: {s_churn: 10}
         guidance_scale: float = 3.0,
         split: str = "val",
         batch_size: int = 100,
@@ -222,9 +223,9 @@ class FIDCallback(L.Callback):
             cache_dir,
         )
         self.attributes, self.attribute_classifier = attributes, dict(attribute_classifier or {})
-        self.point = GridPoint(
-            sampler, steps, guidance_scale, spacing, eta if sampler == "ddim" else None
-        )
+        given = {"spacing": spacing, "eta": eta}
+        options = {k: v for k, v in given.items() if v is not None} | dict(options or {})
+        self.point = GridPoint.make(sampler, steps, guidance_scale, **options)
         self.evaluator = None
         self._last_step = -1
 

@@ -46,9 +46,8 @@ def test_a_sweep_writes_one_row_per_grid_point_and_the_plot(checkpoint, tmp_path
         *BASE,
         f"checkpoint={checkpoint}",
         f"cache_dir={tmp_path / 'cache'}",
-        "grid.sampler=[ddim,ddpm]",
+        "grid.samplers=[{name:ddim,eta:[0.0,1.0]},ddpm]",
         "grid.steps=[2,3]",
-        "grid.eta=[0.0,1.0]",
         "repeats=2",
         "attributes=false",
     )
@@ -63,6 +62,43 @@ def test_a_sweep_writes_one_row_per_grid_point_and_the_plot(checkpoint, tmp_path
     assert {r["nfe"] for r in saved["rows"]} == {2.0, 3.0}
     assert "compare FIDs only at equal n" in caplog.text
     assert any(p.name.startswith("reference-") for p in (tmp_path / "cache").iterdir())
+
+
+def test_a_grid_of_sampler_configurations_sweeps_any_option(checkpoint, tmp_path):
+    settings = [
+        *BASE,
+        f"checkpoint={checkpoint}",
+        f"cache_dir={tmp_path / 'cache'}",
+        "attributes=false",
+        "grid.steps=[3]",
+    ]
+    samplers = "grid.samplers=[{name:heun,s_churn:[0,40]},{name:ddim,eta:[0,1]},dpmpp_2m]"
+    runs = evaluate(_compose(*settings, samplers), tmp_path / "out")
+    nfe = {(r["sampler"], r["eta"], r["options"].get("s_churn")): r["nfe"] for r in runs}
+    assert nfe == {  # Heun: two evaluations a step, one on the last (Euler onto sigma 0)
+        ("heun", None, 0): 5,
+        ("heun", None, 40): 5,
+        ("ddim", 0, None): 3,
+        ("ddim", 1, None): 3,
+        ("dpmpp_2m", None, None): 3,
+    }
+    heun = [r["fid"] for r in runs if r["sampler"] == "heun"]
+    assert heun[0] != heun[1]  # the churn reached the sampler
+    assert "s_churn=40" in (tmp_path / "out" / "results.md").read_text()
+    # Rows of an earlier release (no options column) and the old shorthand for the same
+    # points, in another order: every run is found done, none is redone.
+    path = tmp_path / "out" / "results.json"
+    saved = json.loads(path.read_text())
+    for run in saved["runs"]:
+        if run["sampler"] == "ddim":
+            del run["options"]
+    path.write_text(json.dumps(saved))
+    again = evaluate(
+        _compose(*settings, "grid.sampler=[dpmpp_2m,ddim]", "grid.eta=[1.0,0.0]"), tmp_path / "out"
+    )
+    assert len(again) == 5
+    with pytest.raises(ValueError, match=r"takes no option.*s_chrn"):
+        evaluate(_compose(*settings, "grid.samplers=[{name:heun,s_chrn:1}]"), tmp_path / "typo")
 
 
 def _evaluate_cli(tmp_path, checkpoint, name, *extra):
@@ -80,7 +116,7 @@ def _evaluate_cli(tmp_path, checkpoint, name, *extra):
         f"cache_dir={tmp_path / 'cache'}",
         f"hydra.run.dir={tmp_path / name}",
     ]
-    args += ["grid.sampler=[ddpm,ddim]", "grid.steps=[3]", "attributes=true", *extra]
+    args += ["grid.samplers=[ddpm,ddim]", "grid.steps=[3]", "attributes=true", *extra]
     args += [f"attribute_classifier={SMALL_CLASSIFIER}"]
     done = subprocess.run(
         [sys.executable, str(ROOT / "evaluate.py"), *args],
@@ -267,3 +303,13 @@ def test_several_feature_networks_share_one_generation_pass(checkpoint, tmp_path
     provenance = json.loads((tmp_path / "out" / "provenance.json").read_text())
     assert list(provenance["networks"]) == ["tiny", "tiny_2", "clip"]
     assert len(list((tmp_path / "cache").glob("reference-*.safetensors"))) == 3
+
+
+def test_the_fid_callback_takes_any_sampler_option():
+    from ldm.training.sampling_callbacks import FIDCallback
+
+    callback = FIDCallback(every_n_steps=1, sampler="heun", steps=5, options={"s_churn": 10})
+    assert callback.point.label == "heun, karras, s_churn 10, guidance 3"
+    assert FIDCallback(every_n_steps=1).point.label == "ddim, eta 0, trailing, guidance 3"
+    with pytest.raises(ValueError, match=r"'ddpm' takes no option.*eta"):
+        FIDCallback(every_n_steps=1, sampler="ddpm", eta=0.5)
