@@ -47,7 +47,7 @@ def evaluate(cfg: DictConfig, out_dir: str | Path) -> list[dict[str, Any]]:
         pr_k=cfg.get("precision_recall_k"),
         bootstrap=cfg.get("bootstrap"),
         sample_dir=Path(out_dir) / "samples" if cfg.get("save_samples") else None,
-        clip=instantiate(cfg.clip).to(fabric.device) if cfg.clip else None,
+        clip=instantiate(cfg.clip, _convert_="all").to(fabric.device) if cfg.clip else None,
     )
     if fabric.global_rank == 0:  # what the scores are against, before any is made
         for name, network in reference["networks"].items():
@@ -104,7 +104,13 @@ def previous_runs(out_dir: str | Path, meta: dict[str, Any]) -> list[dict[str, A
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="evaluate")
-@reported()  # a bad weights file: one line naming it, no traceback
+@reported(ValueError)  # bad settings or weights file: one line naming it, no traceback
 def main(cfg: DictConfig) -> None:
-    """``python -m ldm.evaluate``: score a checkpoint over a sampler grid (conf/evaluate.yaml)."""
-    evaluate(cfg, HydraConfig.get().runtime.output_dir)
+    """``python -m ldm.evaluate``: score a checkpoint over a sampler grid (conf/evaluate.yaml),
+    or audit it for bias (``audit=shapes|clip``)."""
+    if cfg.get("audit"):
+        from ldm.app.audit import audit
+
+        audit(cfg, HydraConfig.get().runtime.output_dir)
+    else:
+        evaluate(cfg, HydraConfig.get().runtime.output_dir)

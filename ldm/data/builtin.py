@@ -117,6 +117,34 @@ def parse_shapes_caption(caption: str) -> dict[str, int]:
     }
 
 
+_PARTIAL = re.compile(
+    "a(?: ({size}))?(?: ({colour}))? (?:({shape})|shape)(?: ({position}))?"
+    "(?: on a ({background}) background)?".format(
+        **{name: "|".join(map(re.escape, values)) for name, values in SHAPE_ATTRIBUTES.items()}
+    )
+)
+
+
+def parse_partial_shapes_caption(caption: str) -> dict[str, int]:
+    """The attributes a shapes prompt names, any of them left out: ``"a circle"`` ->
+    ``{"shape": 0}``, ``"a red shape on a black background"`` -> colour and background,
+    ``""`` -> none (the caption order is kept)."""
+    if not caption.strip():
+        return {}
+    match = _PARTIAL.fullmatch(caption.strip())
+    if match is None:
+        raise ValueError(
+            f"{caption!r} is not a shapes prompt: 'a [<size>] [<colour>] <shape or the word "
+            "shape> [<position>] [on a <background> background]' with the values of "
+            "ldm.data.builtin.SHAPE_ATTRIBUTES"
+        )
+    return {
+        name: values.index(found)
+        for (name, values), found in zip(SHAPE_ATTRIBUTES.items(), match.groups(), strict=True)
+        if found is not None
+    }
+
+
 @dataclass(frozen=True)
 class ShapeSpec:
     shape: str

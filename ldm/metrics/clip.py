@@ -55,14 +55,22 @@ class OpenCLIPScore(nn.Module):
         return super().train(False)
 
     @torch.no_grad()
-    def forward(self, images: Tensor, captions: Sequence[str]) -> Tensor:
+    def image_embeddings(self, images: Tensor) -> Tensor:
+        """uint8 images (B, 3, H, W) -> L2-normalised image embeddings (B, D)."""
         x = images.float() / 255.0
         x = F.interpolate(
             x, size=self.image_size, mode="bicubic", align_corners=False, antialias=True
         )
         x = ((x.clamp(0, 1) - self.mean) / self.std).to(next(self.model.parameters()).dtype)
-        image = F.normalize(self.model.encode_image(x), dim=-1)
-        text = F.normalize(
-            self.model.encode_text(self.tokenizer(list(captions)).to(x.device)), dim=-1
-        )
+        return F.normalize(self.model.encode_image(x), dim=-1)
+
+    @torch.no_grad()
+    def text_embeddings(self, texts: Sequence[str]) -> Tensor:
+        """Texts -> L2-normalised text embeddings (B, D)."""
+        tokens = self.tokenizer(list(texts)).to(self.mean.device)
+        return F.normalize(self.model.encode_text(tokens), dim=-1)
+
+    @torch.no_grad()
+    def forward(self, images: Tensor, captions: Sequence[str]) -> Tensor:
+        image, text = self.image_embeddings(images), self.text_embeddings(captions)
         return 100.0 * (image * text).sum(-1).clamp(min=0)
