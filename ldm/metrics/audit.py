@@ -122,12 +122,12 @@ def labelled_reference(
     """Per prompt, (A, K) counts of the labeller's labels over the first ``count`` images of
     ``dataset`` whose caption matches the prompt's ``captions`` pattern (all when None)."""
     count = min(count, len(dataset))
-    captions = [dataset[i]["caption"] for i in range(count)]
+    captions: list[str] = []
     classes: dict[str, list[Tensor]] = {n: [] for n in labeller.attributes}
     for first in range(0, count, batch_size):
-        images = to_uint8(
-            torch.stack([dataset[i]["image"] for i in range(first, min(count, first + batch_size))])
-        )
+        batch = [dataset[i] for i in range(first, min(count, first + batch_size))]
+        captions += [item["caption"] for item in batch]
+        images = to_uint8(torch.stack([item["image"] for item in batch]))
         for name, found in labeller.predict(images).items():
             classes[name].append(found)
     labels = {n: torch.cat(v) for n, v in classes.items()}
