@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ldm.diffusion.objective import check_prediction, convert, vp_coefficients
+from ldm.diffusion.objective import check_prediction, convert, input_scale, vp_coefficients
 from ldm.diffusion.samplers import Denoiser
 from ldm.diffusion.schedules import Schedule
 
@@ -107,11 +107,13 @@ class GaussianMixture:
         return (r[..., None] * per_component).sum(1).to(x_t.dtype)
 
     def denoiser(self, schedule: Schedule, prediction: str) -> Denoiser:
-        """The exact ``prediction`` model ``(x_t, t) -> output`` under ``schedule``."""
+        """The exact ``prediction`` model ``(network input, t) -> output`` under ``schedule``
+        (the input is the VP state, or the flow state for ``flow``: ``model_input``)."""
         check_prediction(prediction)
 
-        def model(x_t: Tensor, t: Tensor) -> Tensor:
-            alpha_bar = schedule.alphas_cumprod_at(t).to(x_t.device)
+        def model(x_in: Tensor, t: Tensor) -> Tensor:
+            alpha_bar = schedule.alphas_cumprod_at(t).to(x_in.device)
+            x_t = x_in / input_scale(alpha_bar, prediction, x_in)  # the VP state
             x0 = self.posterior_mean(x_t, alpha_bar)
             return convert(x0, x_t, alpha_bar, src="x0", dst=prediction)
 
@@ -171,8 +173,9 @@ class EmpiricalMixture:
         trailing shape: samples are flattened to D)."""
         check_prediction(prediction)
 
-        def model(x_t: Tensor, t: Tensor, group: Tensor | None = None) -> Tensor:
-            alpha_bar = schedule.alphas_cumprod_at(t).to(x_t.device)
+        def model(x_in: Tensor, t: Tensor, group: Tensor | None = None) -> Tensor:
+            alpha_bar = schedule.alphas_cumprod_at(t).to(x_in.device)
+            x_t = x_in / input_scale(alpha_bar, prediction, x_in)  # the VP state
             flat = x_t.reshape(len(x_t), -1)
             x0 = self.posterior_mean(flat, alpha_bar, group).reshape(x_t.shape)
             return convert(x0, x_t, alpha_bar, src="x0", dst=prediction)

@@ -2,7 +2,10 @@
 
 Variance-preserving notation: ``x_t = a x0 + s eps`` with ``a = sqrt(alpha_bar)`` and
 ``s = sqrt(1 - alpha_bar)``. Targets: ``eps``, ``x0`` and ``v = a eps - s x0``
-(Salimans & Ho 2022). Karras et al. (2022) write the same process as
+(Salimans & Ho 2022), and ``flow``: the velocity ``u = eps - x0`` of rectified flow
+(Liu et al. 2023; Esser et al. 2024), whose network sees the flow state
+``x_flow = (1 - tau) x0 + tau eps`` with ``tau = s / (a + s)``: the VP state divided by
+``a + s`` (``model_input``). Karras et al. (2022) write the same process as
 ``x_ve = x_t / a = x0 + sigma eps`` with ``sigma = s / a``: their "denoised" output
 ``D(x_ve; sigma)`` is the ``x0`` prediction and their ODE derivative
 ``(x_ve - D) / sigma`` is the ``eps`` prediction. Loss weights: uniform and min-SNR-gamma
@@ -17,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-PREDICTIONS = ("eps", "x0", "v")
+PREDICTIONS = ("eps", "x0", "v", "flow")
 LOSS_WEIGHTINGS = ("uniform", "min_snr")
 
 
@@ -34,6 +37,21 @@ def vp_coefficients(alpha_bar: Tensor | float, like: Tensor) -> tuple[Tensor, Te
     elif ab.ndim > 1:
         raise ValueError(f"alpha_bar must be a scalar or have shape (B,), got {tuple(ab.shape)}")
     return ab.sqrt().to(like.dtype), (1 - ab).sqrt().to(like.dtype)
+
+
+def input_scale(alpha_bar: Tensor | float, prediction: str, like: Tensor) -> Tensor:
+    """What the network sees over the VP state: 1, or ``1 / (a + s)`` for ``flow``
+    (broadcastable against ``like``)."""
+    if prediction != "flow":
+        return torch.ones((), dtype=like.dtype, device=like.device)
+    a, s = vp_coefficients(alpha_bar, like)
+    return 1 / (a + s)
+
+
+def model_input(x_t: Tensor, alpha_bar: Tensor | float, prediction: str) -> Tensor:
+    """What the network sees at the VP state ``x_t``: ``x_t`` itself, or for ``flow`` the
+    flow state ``x_t / (a + s)``."""
+    return x_t if prediction != "flow" else x_t * input_scale(alpha_bar, prediction, x_t)
 
 
 def vp_to_ve(x_t: Tensor, alpha_bar: Tensor | float) -> tuple[Tensor, Tensor]:
@@ -55,6 +73,8 @@ def target(prediction: str, x0: Tensor, noise: Tensor, alpha_bar: Tensor | float
         return noise
     if prediction == "x0":
         return x0
+    if prediction == "flow":
+        return noise - x0
     a, s = vp_coefficients(alpha_bar, x0)
     return a * noise - s * x0
 
@@ -66,7 +86,8 @@ def _has_zero_snr(alpha_bar: Tensor | float) -> bool:
 def convert(
     output: Tensor, x_t: Tensor, alpha_bar: Tensor | float, *, src: str, dst: str
 ) -> Tensor:
-    """Turn a ``src`` prediction (``eps``, ``x0`` or ``v``) at ``x_t`` into a ``dst`` one.
+    """Turn a ``src`` prediction (``eps``, ``x0``, ``v`` or ``flow``) at the VP state ``x_t``
+    into a ``dst`` one.
 
     At zero SNR (``alpha_bar = 0``) an ``eps`` prediction is always ``x_t`` and carries no
     information about ``x0``, so converting from it raises; use ``v`` or ``x0`` there
@@ -88,13 +109,18 @@ def convert(
     elif src == "x0":
         x0 = output
         eps = (x_t - a * output) / s
-    else:  # v
+    elif src == "v":
         x0 = a * x_t - s * output
         eps = s * x_t + a * output
+    else:  # flow: x_flow = x_t / (a + s), x0 = x_flow - tau u, eps = x_flow + (1 - tau) u
+        x0 = (x_t - s * output) / (a + s)
+        eps = (x_t + a * output) / (a + s)
     if dst == "x0":
         return x0
     if dst == "eps":
         return eps
+    if dst == "flow":
+        return eps - x0
     return a * eps - s * x0
 
 
@@ -117,7 +143,9 @@ def loss_weights(
 
     ``min_snr`` (Hang et al. 2023) weighs every timestep like an x0 loss of weight
     ``min(SNR, gamma)``; on the eps target that is ``min(SNR, gamma) / SNR``, on the v
-    target ``min(SNR, gamma) / (SNR + 1)``. Written to stay finite at SNR = 0.
+    target ``min(SNR, gamma) / (SNR + 1)``, on the flow target (whose error is the x0 error
+    over ``tau``) ``min(SNR, gamma) tau^2 = min(SNR, gamma) / (1 + sqrt(SNR))^2``. Written
+    to stay finite at SNR = 0.
     """
     check_prediction(prediction)
     if weighting not in LOSS_WEIGHTINGS:
@@ -132,6 +160,8 @@ def loss_weights(
         return clipped
     if prediction == "v":
         return clipped / (snr + 1)
+    if prediction == "flow":
+        return clipped / (1 + snr.sqrt()) ** 2
     return torch.where(snr > gamma, gamma / snr, torch.ones_like(snr))  # min(SNR, g) / SNR
 
 

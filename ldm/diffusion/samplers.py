@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ldm.diffusion.objective import check_prediction, x0_and_eps
+from ldm.diffusion.objective import check_prediction, model_input, x0_and_eps
 from ldm.diffusion.schedules import Schedule
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]
@@ -68,6 +68,14 @@ class _Point:
     @property
     def sigma(self) -> float:  # Karras' VE noise level
         return math.inf if self.alpha_bar == 0 else self.s / self.a
+
+    @property
+    def k(self) -> float:  # a + s: the VP state over the flow state
+        return self.a + self.s
+
+    @property
+    def tau(self) -> float:  # rectified flow's time, s / (a + s)
+        return self.s / self.k
 
     @property
     def lam(self) -> float:  # half log-SNR, log(a / s)
@@ -128,7 +136,7 @@ def _denoise(model: Denoiser, x: Tensor, point: _Point, prediction: str) -> tupl
     """Call the network at one point and return ``(x0, eps)`` estimates."""
     t_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     t = torch.full((x.shape[0],), point.t, dtype=t_dtype, device=x.device)
-    output = model(x, t)
+    output = model(model_input(x, point.alpha_bar, prediction), t)
     if output.shape != x.shape:
         raise ValueError(
             f"the denoiser returned shape {tuple(output.shape)} for input {tuple(x.shape)}"
@@ -385,6 +393,64 @@ def sample_dpmpp_2m(
     return x
 
 
+def sample_flow_euler(
+    model: Denoiser,
+    x_T: Tensor,
+    schedule: Schedule,
+    *,
+    steps: int,
+    prediction: str = "flow",
+    spacing: str = "linspace",
+    generator: Generators = None,
+    callback: Callback | None = None,
+    **spacing_opts,
+) -> Tensor:
+    """Euler's method on the rectified-flow ODE ``dx_flow / dtau = eps - x0`` (SD3's
+    sampler; diffusers' ``FlowMatchEulerDiscreteScheduler``). The flow's paths are straight
+    lines, so this is DDIM with eta 0 in other coordinates: any prediction type works."""
+    _check(x_T, prediction)
+    points = _points(schedule, steps, spacing, **spacing_opts)
+    x = x_T
+    for i, (here, there) in enumerate(itertools.pairwise(points)):
+        x0, eps = _denoise(model, x, here, prediction)
+        x_flow = x / here.k + (there.tau - here.tau) * (eps - x0)
+        x = there.k * x_flow
+        _report(callback, i, steps, here, there, x, x0)
+    return x
+
+
+def sample_flow_heun(
+    model: Denoiser,
+    x_T: Tensor,
+    schedule: Schedule,
+    *,
+    steps: int,
+    prediction: str = "flow",
+    spacing: str = "linspace",
+    generator: Generators = None,
+    callback: Callback | None = None,
+    **spacing_opts,
+) -> Tensor:
+    """Heun's method on the rectified-flow ODE in ``tau`` (diffusers'
+    ``FlowMatchHeunDiscreteScheduler``): the velocity averaged at both ends of a step; the
+    step into the clean data is an Euler step (``2 * steps - 1`` network calls). Unlike
+    ``heun``, which averages the VE derivative ``eps`` over ``sigma``, it averages
+    ``eps - x0`` over ``tau``: a different second-order method."""
+    _check(x_T, prediction)
+    points = _points(schedule, steps, spacing, **spacing_opts)
+    x = x_T
+    for i, (here, there) in enumerate(itertools.pairwise(points)):
+        x0, eps = _denoise(model, x, here, prediction)
+        step = there.tau - here.tau
+        x_flow = x / here.k + step * (eps - x0)
+        if there.alpha_bar != 1:
+            x0_next, eps_next = _denoise(model, there.k * x_flow, there, prediction)
+            x_flow = x / here.k + step * ((eps - x0) + (eps_next - x0_next)) / 2
+        x = there.k * x_flow
+        _report(callback, i, steps, here, there, x, x0)
+    return x
+
+
 SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "ddpm": sample_ddpm,
     "ddim": sample_ddim,
@@ -392,6 +458,8 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "heun": sample_heun,
     "euler_ancestral": sample_euler_ancestral,
     "dpmpp_2m": sample_dpmpp_2m,
+    "flow_euler": sample_flow_euler,
+    "flow_heun": sample_flow_heun,
 }
 
 

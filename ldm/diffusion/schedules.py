@@ -15,14 +15,16 @@ clean data, written as timestep ``-1`` with ``alpha_bar = 1``.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 
 import torch
 from torch import Tensor
 
-BETA_SCHEDULES = ("linear", "scaled_linear", "cosine")
+BETA_SCHEDULES = ("linear", "scaled_linear", "cosine", "flow")
 SPACINGS = ("leading", "trailing", "linspace", "karras")
+TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")
 FINAL_TIMESTEP = -1  # the "previous timestep" of the last sampling step: clean data
 
 _DEFAULT_BETA_RANGE = {"linear": (1e-4, 0.02), "scaled_linear": (0.00085, 0.012)}
@@ -151,6 +153,83 @@ class Schedule:
         return t, alpha_bar
 
 
+def shift_time(u: Tensor, shift: float) -> Tensor:
+    """SD3's timestep shift (Esser et al. 2024, Eq. 23): ``shift u / (1 + (shift - 1) u)``;
+    above 1 it spends more of the run at high noise."""
+    return shift * u / (1 + (shift - 1) * u)
+
+
+def resolution_shift(
+    resolution: int | Sequence[int], base_resolution: int | Sequence[int]
+) -> float:
+    """SD3's resolution-dependent shift (Esser et al. 2024, Sec. 5.3.2): ``sqrt(m / n)`` for
+    ``m`` and ``n`` pixels at the resolution and at the base resolution it was tuned for."""
+
+    def pixels(size: int | Sequence[int]) -> int:
+        return size * size if isinstance(size, int) else math.prod(size)
+
+    return math.sqrt(pixels(resolution) / pixels(base_resolution))
+
+
+@dataclass(frozen=True, eq=False)
+class FlowSchedule(Schedule):
+    """Rectified flow (Liu et al. 2023) as in SD3 (Esser et al. 2024): ``x = (1 - tau) x0 +
+    tau eps``, in VP terms ``alpha_bar = (1 - tau)^2 / ((1 - tau)^2 + tau^2)``.
+
+    Timestep ``t`` in ``[-1, T-1]`` is real-valued: ``tau = shift_time((t + 1) / T, shift)``,
+    so ``t = -1`` is the clean data and ``t = T-1`` pure noise (zero terminal SNR). The
+    table (``alphas_cumprod``) holds the integer timesteps; every other method is closed form.
+    """
+
+    shift: float = 1.0
+
+    def tau(self, t: Tensor) -> Tensor:
+        """The flow time ``tau`` in [0, 1] of timesteps ``t``."""
+        u = (torch.as_tensor(t, dtype=torch.float64) + 1) / self.num_train_timesteps
+        return shift_time(u, self.shift)
+
+    def alphas_cumprod_at(self, t: Tensor) -> Tensor:
+        t = torch.as_tensor(t, dtype=torch.float64)
+        last = self.num_train_timesteps - 1
+        if bool(((t < -1) | (t > last)).any()):
+            raise ValueError(f"timesteps must lie in [-1, {last}], got {t.flatten().tolist()}")
+        tau = self.tau(t)
+        return (1 - tau) ** 2 / ((1 - tau) ** 2 + tau**2)
+
+    def sigma_to_t(self, sigma: Tensor) -> Tensor:
+        """Timesteps at Karras noise level ``sigma = tau / (1 - tau)`` (``inf``: ``T-1``)."""
+        sigma = torch.as_tensor(sigma, dtype=torch.float64).cpu()
+        tau = torch.where(torch.isinf(sigma), 1.0, sigma / (1 + sigma))
+        u = tau / (self.shift - (self.shift - 1) * tau)  # the inverse of shift_time
+        return (u * self.num_train_timesteps - 1).clamp(-1, self.num_train_timesteps - 1)
+
+    def sampling_points(
+        self, steps: int, spacing: str, *, offset: int = 0, rho: float = 7.0
+    ) -> tuple[Tensor, Tensor]:
+        """As ``Schedule``'s, except that ``linspace`` is not rounded: ``tau`` before the
+        shift goes evenly from 1 to ``1 / T`` (diffusers' ``FlowMatchEulerDiscreteScheduler``)."""
+        if spacing != "linspace" or steps == 1:
+            return super().sampling_points(steps, spacing, offset=offset, rho=rho)
+        T = self.num_train_timesteps
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= T:
+            raise ValueError(f"steps must be an integer in [1, {T}], got {steps!r}")
+        t = torch.linspace(T - 1, 0, steps, dtype=torch.float64)
+        alpha_bar = self.alphas_cumprod_at(torch.cat([t, t.new_tensor([FINAL_TIMESTEP])]))
+        return t, alpha_bar
+
+
+def flow_schedule(num_train_timesteps: int = 1000, shift: float = 1.0) -> FlowSchedule:
+    """The rectified-flow schedule with ``shift`` (1: none; SD3 uses 3 at 1024 px)."""
+    if not shift > 0:
+        raise ValueError(f"the flow shift must be positive, got {shift}")
+    t = torch.arange(num_train_timesteps, dtype=torch.float64)
+    tau = shift_time((t + 1) / num_train_timesteps, shift)
+    alpha_bar = (1 - tau) ** 2 / ((1 - tau) ** 2 + tau**2)
+    previous = torch.cat([alpha_bar.new_ones(1), alpha_bar[:-1]])
+    betas = 1 - alpha_bar / previous
+    return FlowSchedule(betas=betas, alphas_cumprod=alpha_bar, shift=float(shift))
+
+
 def make_schedule(
     name: str,
     num_train_timesteps: int = 1000,
@@ -158,16 +237,27 @@ def make_schedule(
     beta_start: float | None = None,
     beta_end: float | None = None,
     zero_terminal_snr: bool = False,
+    shift: float | None = None,
 ) -> Schedule:
-    """Build a named schedule: ``linear``, ``scaled_linear`` or ``cosine``.
+    """Build a named schedule: ``linear``, ``scaled_linear``, ``cosine`` or ``flow``.
 
     ``beta_start`` / ``beta_end`` default to DDPM's (1e-4, 0.02) for ``linear`` and
     Stable Diffusion's (0.00085, 0.012) for ``scaled_linear``; ``cosine`` takes neither.
+    ``flow`` (rectified flow, ``FlowSchedule``) takes ``shift`` (default 1) and no betas.
     """
     if name not in BETA_SCHEDULES:
         raise ValueError(f"unknown beta schedule {name!r}; choose one of {BETA_SCHEDULES}")
     if num_train_timesteps < 2:
         raise ValueError(f"num_train_timesteps must be at least 2, got {num_train_timesteps}")
+    if name == "flow":
+        if beta_start is not None or beta_end is not None or zero_terminal_snr:
+            raise ValueError(
+                "the flow schedule takes no beta_start / beta_end / zero_terminal_snr (it ends "
+                "at pure noise by construction); remove them"
+            )
+        return flow_schedule(num_train_timesteps, 1.0 if shift is None else shift)
+    if shift is not None:
+        raise ValueError(f"shift applies to the flow schedule only, not {name!r}; remove it")
     if name == "cosine":
         if beta_start is not None or beta_end is not None:
             raise ValueError("the cosine schedule takes no beta_start / beta_end; remove them")
@@ -183,6 +273,38 @@ def make_schedule(
     if zero_terminal_snr:
         betas = rescale_zero_terminal_snr(betas)
     return Schedule(betas=betas, alphas_cumprod=torch.cumprod(1 - betas, dim=0))
+
+
+def training_timesteps(
+    schedule: Schedule,
+    generators: Sequence[torch.Generator],
+    sampling: str = "uniform",
+    loc: float = 0.0,
+    scale: float = 1.0,
+) -> Tensor:
+    """One training timestep per generator (drawn from it), float64 on its device.
+
+    ``uniform``: an integer in ``[0, T)``. ``logit_normal`` (SD3, Esser et al. 2024, Eq. 19):
+    ``t = sigmoid(n) T - 1`` for ``n ~ N(loc, scale^2)``, real-valued, which puts ``tau``
+    of an unshifted flow schedule at ``sigmoid(n)``; on a VP schedule, whose table starts at
+    0, clamped there.
+    """
+    if sampling not in TIMESTEP_SAMPLINGS:
+        raise ValueError(
+            f"unknown timestep sampling {sampling!r}; choose one of {TIMESTEP_SAMPLINGS}"
+        )
+    T = schedule.num_train_timesteps
+    if sampling == "uniform":
+        draws = [torch.randint(0, T, (), generator=g, device=g.device) for g in generators]
+        return torch.stack(draws).double()
+    if not scale > 0:
+        raise ValueError(f"the logit-normal scale must be positive, got {scale}")
+    n = torch.stack(
+        [torch.randn((), generator=g, device=g.device, dtype=torch.float64) for g in generators]
+    )
+    t = torch.sigmoid(loc + scale * n) * T - 1
+    low = -1.0 if isinstance(schedule, FlowSchedule) else 0.0
+    return t.clamp(low, T - 1)
 
 
 def _round_half_even(value: Fraction) -> int:

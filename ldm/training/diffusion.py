@@ -24,8 +24,8 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from ldm.diffusion.guidance import Conditioning
-from ldm.diffusion.objective import check_prediction, diffusion_loss, q_sample
-from ldm.diffusion.schedules import Schedule
+from ldm.diffusion.objective import check_prediction, diffusion_loss, model_input, q_sample
+from ldm.diffusion.schedules import Schedule, training_timesteps
 from ldm.models.vae import DiagonalGaussian
 from ldm.pipeline import Pipeline
 from ldm.seeding import stable_seed
@@ -49,6 +49,9 @@ class LatentDiffusion(L.LightningModule):
         prediction: str = "eps",  # eps | x0 | v
         loss_weighting: str = "uniform",  # uniform | min_snr
         min_snr_gamma: float = 5.0,
+        timestep_sampling: str = "uniform",  # uniform | logit_normal (SD3)
+        logit_normal_loc: float = 0.0,
+        logit_normal_scale: float = 1.0,
         optimizer: Callable[[Iterable[nn.Parameter]], Optimizer] | None = None,  # params -> opt
         lr_scheduler: Callable[[Optimizer], Any] | None = None,  # a partial: opt -> scheduler
         cond_drop_prob: float = 0.1,  # classifier-free guidance dropout
@@ -210,16 +213,20 @@ class LatentDiffusion(L.LightningModule):
         drop_prob: float,
     ) -> Tensor:
         """The diffusion loss of a batch; each sample's draws come from its generator."""
-        device, steps = self.device, self.schedule.num_train_timesteps
+        device, hp = self.device, self.hparams
         dropped = torch.stack([torch.rand((), generator=g, device=device) for g in generators])
-        t = torch.stack(
-            [torch.randint(0, steps, (), generator=g, device=device) for g in generators]
+        t = training_timesteps(
+            self.schedule,
+            generators,
+            hp.timestep_sampling,
+            hp.logit_normal_loc,
+            hp.logit_normal_scale,
         )
         x0 = self.latents(batch, generators)
         noise = _randn(generators, x0.shape[1:], x0)
         cond = self.condition(batch, networks=networks, dropped=(dropped < drop_prob).cpu())
-        alpha_bar = self.schedule.alphas_cumprod.to(device)[t]
-        x_t = q_sample(x0, noise, alpha_bar)
+        alpha_bar = self.schedule.alphas_cumprod_at(t).to(device)
+        x_t = model_input(q_sample(x0, noise, alpha_bar), alpha_bar, hp.prediction)
         output = networks["unet"](x_t, t.to(x0.dtype), **cond)
         return diffusion_loss(
             output,

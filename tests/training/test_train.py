@@ -17,7 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 from PIL import Image
 from trainutils import CONF, ROOT, TINY, TINY_ANY_DATA, compose_train
 
-from ldm.app.sample import sample
+from ldm.app.sample import load_model, sample
 from ldm.app.train import build, train
 from ldm.pipeline import CONFIG_KEY, open_checkpoint
 from ldm.training.checkpoints import load_checkpoint, load_vae
@@ -150,6 +150,32 @@ def test_ldm_stage_and_sample(vae_checkpoint, tmp_path):
     for a, b in zip(noisy, noisy_again, strict=True):  # up to float rounding: 1 / 255
         pixels = [np.asarray(Image.open(p), dtype=np.int16) for p in (a, b)]
         assert np.abs(pixels[0] - pixels[1]).max() <= 1
+
+
+def test_flow_matching_trains_and_samples(vae_checkpoint, tmp_path):
+    run = tmp_path / "flow"
+    cfg = compose_train(
+        run,
+        f"vae_checkpoint={vae_checkpoint}",
+        "diffusion=flow",
+        "diffusion.schedule.shift=2.0",
+        "sampler=flow_heun",
+        "sampler.steps=2",
+        "callbacks.samples.every_n_steps=4",
+    )
+    module = train(cfg, run).lightning_module
+    assert module.schedule.shift == 2.0 and module.hparams.timestep_sampling == "logit_normal"
+    legend = json.loads((run / "samples" / "grid.json").read_text())
+    assert legend["columns"][-1].startswith("flow_heun 2 steps")
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        scfg = compose(
+            "sample",
+            overrides=[f"checkpoint={run / 'checkpoints' / 'last.ckpt'}", "prompts=[a red circle]"]
+            + ["sampler=flow_euler", "sampler.steps=3"],
+        )
+    pipeline = load_model(scfg)
+    assert pipeline.prediction == "flow" and pipeline.schedule.shift == 2.0  # from the checkpoint
+    assert len(sample(scfg, tmp_path / "samples")) == scfg.num_per_prompt
 
 
 def _prompts(tmp_path):
