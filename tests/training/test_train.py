@@ -168,11 +168,9 @@ def test_flow_matching_trains_and_samples(vae_checkpoint, tmp_path):
     legend = json.loads((run / "samples" / "grid.json").read_text())
     assert legend["columns"][-1].startswith("flow_heun 2 steps")
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        scfg = compose(
-            "sample",
-            overrides=[f"checkpoint={run / 'checkpoints' / 'last.ckpt'}", "prompts=[a red circle]"]
-            + ["sampler=flow_euler", "sampler.steps=3"],
-        )
+        checkpoint = f"checkpoint={run / 'checkpoints' / 'last.ckpt'}"
+        overrides = [checkpoint, "prompts=[a red circle]", "sampler=flow_euler", "sampler.steps=3"]
+        scfg = compose("sample", overrides=overrides)
     pipeline = load_model(scfg)
     assert pipeline.prediction == "flow" and pipeline.schedule.shift == 2.0  # from the checkpoint
     assert len(sample(scfg, tmp_path / "samples")) == scfg.num_per_prompt
