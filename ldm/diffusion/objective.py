@@ -5,7 +5,9 @@ Variance-preserving notation: ``x_t = a x0 + s eps`` with ``a = sqrt(alpha_bar)`
 (Salimans & Ho 2022), and ``flow``: the velocity ``u = eps - x0`` of rectified flow
 (Liu et al. 2023; Esser et al. 2024), whose network sees the flow state
 ``x_flow = (1 - tau) x0 + tau eps`` with ``tau = s / (a + s)``: the VP state divided by
-``a + s`` (``model_input``). Karras et al. (2022) write the same process as
+``a + s`` (``model_input``); and ``edm``: the raw output ``F`` of Karras et al. (2022)'s
+preconditioned network, ``D = c_skip x_ve + c_out F(c_in x_ve, c_noise)`` with
+``sigma_data = 0.5`` (``edm_coefficients``). Karras et al. (2022) write the same process as
 ``x_ve = x_t / a = x0 + sigma eps`` with ``sigma = s / a``: their "denoised" output
 ``D(x_ve; sigma)`` is the ``x0`` prediction and their ODE derivative
 ``(x_ve - D) / sigma`` is the ``eps`` prediction. Loss weights: uniform and min-SNR-gamma
@@ -20,7 +22,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-PREDICTIONS = ("eps", "x0", "v", "flow")
+PREDICTIONS = ("eps", "x0", "v", "flow", "edm")
+EDM_SIGMA_DATA = 0.5  # Karras et al. (2022)'s sigma_data: the data's standard deviation
 LOSS_WEIGHTINGS = ("uniform", "min_snr")
 
 
@@ -39,9 +42,25 @@ def vp_coefficients(alpha_bar: Tensor | float, like: Tensor) -> tuple[Tensor, Te
     return ab.sqrt().to(like.dtype), (1 - ab).sqrt().to(like.dtype)
 
 
+def edm_coefficients(
+    alpha_bar: Tensor | float, like: Tensor, sigma_data: float = EDM_SIGMA_DATA
+) -> tuple[Tensor, Tensor, Tensor]:
+    """EDM's preconditioning (Karras et al. 2022, Table 1) in VP terms: ``(c_in, c_skip,
+    c_out)`` such that the network sees ``c_in x_t`` and ``x0 = c_skip x_t + c_out F``. With
+    ``sigma = s / a`` and ``x_ve = x_t / a`` these are the paper's ``c_in(sigma) =
+    1 / sqrt(sigma^2 + sigma_data^2)`` on ``x_ve``, ``c_skip(sigma) = sigma_data^2 /
+    (sigma^2 + sigma_data^2)`` on ``x_ve`` and ``c_out(sigma) = sigma sigma_data /
+    sqrt(sigma^2 + sigma_data^2)``."""
+    a, s = vp_coefficients(alpha_bar, like)
+    norm = (s**2 + (a * sigma_data) ** 2).sqrt()  # a sqrt(sigma^2 + sigma_data^2)
+    return 1 / norm, a * sigma_data**2 / norm**2, s * sigma_data / norm
+
+
 def input_scale(alpha_bar: Tensor | float, prediction: str, like: Tensor) -> Tensor:
-    """What the network sees over the VP state: 1, or ``1 / (a + s)`` for ``flow``
-    (broadcastable against ``like``)."""
+    """What the network sees over the VP state: 1, ``1 / (a + s)`` for ``flow``, EDM's
+    ``c_in`` for ``edm`` (broadcastable against ``like``)."""
+    if prediction == "edm":
+        return edm_coefficients(alpha_bar, like)[0]
     if prediction != "flow":
         return torch.ones((), dtype=like.dtype, device=like.device)
     a, s = vp_coefficients(alpha_bar, like)
@@ -49,9 +68,11 @@ def input_scale(alpha_bar: Tensor | float, prediction: str, like: Tensor) -> Ten
 
 
 def model_input(x_t: Tensor, alpha_bar: Tensor | float, prediction: str) -> Tensor:
-    """What the network sees at the VP state ``x_t``: ``x_t`` itself, or for ``flow`` the
-    flow state ``x_t / (a + s)``."""
-    return x_t if prediction != "flow" else x_t * input_scale(alpha_bar, prediction, x_t)
+    """What the network sees at the VP state ``x_t``: ``x_t`` itself, the flow state
+    ``x_t / (a + s)`` for ``flow``, ``c_in x_ve`` for ``edm``."""
+    if prediction not in ("flow", "edm"):
+        return x_t
+    return x_t * input_scale(alpha_bar, prediction, x_t)
 
 
 def vp_to_ve(x_t: Tensor, alpha_bar: Tensor | float) -> tuple[Tensor, Tensor]:
@@ -75,6 +96,9 @@ def target(prediction: str, x0: Tensor, noise: Tensor, alpha_bar: Tensor | float
         return x0
     if prediction == "flow":
         return noise - x0
+    if prediction == "edm":  # F = (x0 - c_skip x_t) / c_out
+        _, c_skip, c_out = edm_coefficients(alpha_bar, x0)
+        return (x0 - c_skip * q_sample(x0, noise, alpha_bar)) / c_out
     a, s = vp_coefficients(alpha_bar, x0)
     return a * noise - s * x0
 
@@ -112,15 +136,22 @@ def convert(
     elif src == "v":
         x0 = a * x_t - s * output
         eps = s * x_t + a * output
-    else:  # flow: x_flow = x_t / (a + s), x0 = x_flow - tau u, eps = x_flow + (1 - tau) u
+    elif src == "flow":  # x_flow = x_t / (a + s), x0 = x_flow - tau u, eps = x_flow + (1 - tau) u
         x0 = (x_t - s * output) / (a + s)
         eps = (x_t + a * output) / (a + s)
+    else:  # edm
+        _, c_skip, c_out = edm_coefficients(alpha_bar, x_t)
+        x0 = c_skip * x_t + c_out * output
+        eps = (x_t - a * x0) / s
     if dst == "x0":
         return x0
     if dst == "eps":
         return eps
     if dst == "flow":
         return eps - x0
+    if dst == "edm":
+        _, c_skip, c_out = edm_coefficients(alpha_bar, x_t)
+        return (x0 - c_skip * x_t) / c_out
     return a * eps - s * x0
 
 
@@ -144,8 +175,10 @@ def loss_weights(
     ``min_snr`` (Hang et al. 2023) weighs every timestep like an x0 loss of weight
     ``min(SNR, gamma)``; on the eps target that is ``min(SNR, gamma) / SNR``, on the v
     target ``min(SNR, gamma) / (SNR + 1)``, on the flow target (whose error is the x0 error
-    over ``tau``) ``min(SNR, gamma) tau^2 = min(SNR, gamma) / (1 + sqrt(SNR))^2``. Written
-    to stay finite at SNR = 0.
+    over ``tau``) ``min(SNR, gamma) tau^2 = min(SNR, gamma) / (1 + sqrt(SNR))^2``, on EDM's
+    ``F`` (x0 error ``c_out`` times its error) ``min(SNR, gamma) c_out^2``. Written to stay
+    finite at SNR = 0. EDM's own weighting is ``uniform`` on ``F``: the paper's
+    ``lambda(sigma) = 1 / c_out^2`` on the x0 error.
     """
     check_prediction(prediction)
     if weighting not in LOSS_WEIGHTINGS:
@@ -162,6 +195,8 @@ def loss_weights(
         return clipped / (snr + 1)
     if prediction == "flow":
         return clipped / (1 + snr.sqrt()) ** 2
+    if prediction == "edm":  # c_out^2 = sigma_data^2 / (1 + SNR sigma_data^2)
+        return clipped * EDM_SIGMA_DATA**2 / (1 + snr * EDM_SIGMA_DATA**2)
     return torch.where(snr > gamma, gamma / snr, torch.ones_like(snr))  # min(SNR, g) / SNR
 
 

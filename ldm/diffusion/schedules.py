@@ -22,9 +22,10 @@ from fractions import Fraction
 import torch
 from torch import Tensor
 
-BETA_SCHEDULES = ("linear", "scaled_linear", "cosine", "flow")
+BETA_SCHEDULES = ("linear", "scaled_linear", "cosine")
+SCHEDULES = (*BETA_SCHEDULES, "flow", "edm")  # what make_schedule builds
 SPACINGS = ("leading", "trailing", "linspace", "karras")
-TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")
+TIMESTEP_SAMPLINGS = ("uniform", "logit_normal", "log_normal")
 FINAL_TIMESTEP = -1  # the "previous timestep" of the last sampling step: clean data
 
 _DEFAULT_BETA_RANGE = {"linear": (1e-4, 0.02), "scaled_linear": (0.00085, 0.012)}
@@ -230,6 +231,62 @@ def flow_schedule(num_train_timesteps: int = 1000, shift: float = 1.0) -> FlowSc
     return FlowSchedule(betas=betas, alphas_cumprod=alpha_bar, shift=float(shift))
 
 
+@dataclass(frozen=True, eq=False)
+class EDMSchedule(Schedule):
+    """Karras et al. (2022)'s noise levels: ``x_ve = x0 + sigma eps`` for ``sigma`` in
+    ``[sigma_min, sigma_max]``, in VP terms ``alpha_bar = 1 / (1 + sigma^2)``.
+
+    Timestep ``t`` in ``[0, T-1]`` is real-valued and affine in ``log sigma`` (``t = 0``:
+    ``sigma_min``, ``t = T-1``: ``sigma_max``); ``t = -1`` is the clean data. EDM's network
+    input ``c_noise = log(sigma) / 4`` is affine in ``t`` too: the network sees ``t``, at the
+    scale its time embedding was made for (``c_noise``).
+    """
+
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+
+    def sigma(self, t: Tensor) -> Tensor:
+        """The noise level of timesteps ``t`` in ``[0, T-1]`` (float64)."""
+        t = torch.as_tensor(t, dtype=torch.float64)
+        lo, hi = math.log(self.sigma_min), math.log(self.sigma_max)
+        return torch.exp(lo + t / (self.num_train_timesteps - 1) * (hi - lo))
+
+    def alphas_cumprod_at(self, t: Tensor) -> Tensor:
+        t = torch.as_tensor(t, dtype=torch.float64)
+        last = self.num_train_timesteps - 1
+        clean = t == FINAL_TIMESTEP
+        if bool((((t < 0) | (t > last)) & ~clean).any()):
+            raise ValueError(
+                f"timesteps must be -1 or lie in [0, {last}], got {t.flatten().tolist()}"
+            )
+        return torch.where(clean, 1.0, 1 / (1 + self.sigma(t.clamp(min=0)) ** 2))
+
+    def sigma_to_t(self, sigma: Tensor) -> Tensor:
+        """Timesteps at noise level ``sigma``, clamped to ``[0, T-1]``."""
+        sigma = torch.as_tensor(sigma, dtype=torch.float64).cpu()
+        lo, hi = math.log(self.sigma_min), math.log(self.sigma_max)
+        t = (sigma.log() - lo) / (hi - lo) * (self.num_train_timesteps - 1)
+        return t.clamp(0, self.num_train_timesteps - 1)
+
+
+def c_noise(sigma: Tensor) -> Tensor:
+    """EDM's noise conditioning ``log(sigma) / 4`` (Karras et al. 2022, Table 1)."""
+    return torch.as_tensor(sigma, dtype=torch.float64).log() / 4
+
+
+def edm_schedule(
+    num_train_timesteps: int = 1000, sigma_min: float = 0.002, sigma_max: float = 80.0
+) -> EDMSchedule:
+    """EDM's noise levels between ``sigma_min`` and ``sigma_max`` (the paper's 0.002, 80)."""
+    if not 0 < sigma_min < sigma_max < math.inf:
+        raise ValueError(f"need 0 < sigma_min < sigma_max < inf, got {sigma_min}, {sigma_max}")
+    lo, hi = math.log(sigma_min), math.log(sigma_max)
+    ramp = torch.arange(num_train_timesteps, dtype=torch.float64) / (num_train_timesteps - 1)
+    alpha_bar = 1 / (1 + torch.exp(lo + ramp * (hi - lo)) ** 2)
+    betas = 1 - alpha_bar / torch.cat([alpha_bar.new_ones(1), alpha_bar[:-1]])
+    return EDMSchedule(betas, alpha_bar, float(sigma_min), float(sigma_max))
+
+
 def make_schedule(
     name: str,
     num_train_timesteps: int = 1000,
@@ -238,15 +295,18 @@ def make_schedule(
     beta_end: float | None = None,
     zero_terminal_snr: bool = False,
     shift: float | None = None,
+    sigma_min: float | None = None,
+    sigma_max: float | None = None,
 ) -> Schedule:
     """Build a named schedule: ``linear``, ``scaled_linear``, ``cosine`` or ``flow``.
 
     ``beta_start`` / ``beta_end`` default to DDPM's (1e-4, 0.02) for ``linear`` and
     Stable Diffusion's (0.00085, 0.012) for ``scaled_linear``; ``cosine`` takes neither.
-    ``flow`` (rectified flow, ``FlowSchedule``) takes ``shift`` (default 1) and no betas.
+    ``flow`` (rectified flow, ``FlowSchedule``) takes ``shift`` (default 1) and no betas;
+    ``edm`` (``EDMSchedule``) takes ``sigma_min`` / ``sigma_max`` (default 0.002, 80).
     """
-    if name not in BETA_SCHEDULES:
-        raise ValueError(f"unknown beta schedule {name!r}; choose one of {BETA_SCHEDULES}")
+    if name not in SCHEDULES:
+        raise ValueError(f"unknown schedule {name!r}; choose one of {SCHEDULES}")
     if num_train_timesteps < 2:
         raise ValueError(f"num_train_timesteps must be at least 2, got {num_train_timesteps}")
     if name == "flow":
@@ -258,6 +318,15 @@ def make_schedule(
         return flow_schedule(num_train_timesteps, 1.0 if shift is None else shift)
     if shift is not None:
         raise ValueError(f"shift applies to the flow schedule only, not {name!r}; remove it")
+    if name == "edm":
+        if beta_start is not None or beta_end is not None or zero_terminal_snr:
+            raise ValueError("the edm schedule takes sigma_min / sigma_max, not betas; remove them")
+        levels = {"sigma_min": sigma_min, "sigma_max": sigma_max}
+        return edm_schedule(
+            num_train_timesteps, **{k: v for k, v in levels.items() if v is not None}
+        )
+    if sigma_min is not None or sigma_max is not None:
+        raise ValueError(f"sigma_min / sigma_max apply to the edm schedule only, not {name!r}")
     if name == "cosine":
         if beta_start is not None or beta_end is not None:
             raise ValueError("the cosine schedule takes no beta_start / beta_end; remove them")
@@ -287,7 +356,9 @@ def training_timesteps(
     ``uniform``: an integer in ``[0, T)``. ``logit_normal`` (SD3, Esser et al. 2024, Eq. 19):
     ``t = sigmoid(n) T - 1`` for ``n ~ N(loc, scale^2)``, real-valued, which puts ``tau``
     of an unshifted flow schedule at ``sigmoid(n)``; on a VP schedule, whose table starts at
-    0, clamped there.
+    0, clamped there. ``log_normal`` (EDM, Karras et al. 2022, Table 1): the timestep of
+    ``sigma = exp(n)`` (``loc`` -1.2, ``scale`` 1.2 in the paper), clamped to the schedule's
+    range.
     """
     if sampling not in TIMESTEP_SAMPLINGS:
         raise ValueError(
@@ -302,6 +373,8 @@ def training_timesteps(
     n = torch.stack(
         [torch.randn((), generator=g, device=g.device, dtype=torch.float64) for g in generators]
     )
+    if sampling == "log_normal":
+        return schedule.sigma_to_t(torch.exp(loc + scale * n).cpu()).to(n.device)
     t = torch.sigmoid(loc + scale * n) * T - 1
     low = -1.0 if isinstance(schedule, FlowSchedule) else 0.0
     return t.clamp(low, T - 1)

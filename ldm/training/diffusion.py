@@ -49,9 +49,9 @@ class LatentDiffusion(L.LightningModule):
         prediction: str = "eps",  # eps | x0 | v
         loss_weighting: str = "uniform",  # uniform | min_snr
         min_snr_gamma: float = 5.0,
-        timestep_sampling: str = "uniform",  # uniform | logit_normal (SD3)
-        logit_normal_loc: float = 0.0,
-        logit_normal_scale: float = 1.0,
+        timestep_sampling: str = "uniform",  # uniform | logit_normal (SD3) | log_normal (EDM)
+        timestep_loc: float = 0.0,
+        timestep_scale: float = 1.0,
         optimizer: Callable[[Iterable[nn.Parameter]], Optimizer] | None = None,  # params -> opt
         lr_scheduler: Callable[[Optimizer], Any] | None = None,  # a partial: opt -> scheduler
         cond_drop_prob: float = 0.1,  # classifier-free guidance dropout
@@ -219,8 +219,8 @@ class LatentDiffusion(L.LightningModule):
             self.schedule,
             generators,
             hp.timestep_sampling,
-            hp.logit_normal_loc,
-            hp.logit_normal_scale,
+            hp.timestep_loc,
+            hp.timestep_scale,
         )
         x0 = self.latents(batch, generators)
         noise = _randn(generators, x0.shape[1:], x0)

@@ -55,7 +55,7 @@ def test_conversions_round_trip_at_every_t(schedule, src, dst):
         got = convert(
             target(src, x0, noise, alpha_bar)[end], x_t[end], alpha_bar[end], src=src, dst=dst
         )
-        assert torch.equal(got, target(dst, x0, noise, alpha_bar)[end])
+        assert (got - target(dst, x0, noise, alpha_bar)[end]).abs().max() < 1e-12
 
 
 def test_eps_at_zero_snr_is_refused_with_the_fix():

@@ -176,6 +176,21 @@ def test_flow_matching_trains_and_samples(vae_checkpoint, tmp_path):
     assert len(sample(scfg, tmp_path / "samples")) == scfg.num_per_prompt
 
 
+def test_edm_trains_and_samples(vae_checkpoint, tmp_path):
+    run = tmp_path / "edm"
+    cfg = compose_train(
+        run, f"vae_checkpoint={vae_checkpoint}", "diffusion=edm", "sampler=heun", "sampler.steps=2"
+    )
+    module = train(cfg, run).lightning_module
+    assert module.hparams.prediction == "edm" and module.hparams.timestep_sampling == "log_normal"
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        checkpoint = f"checkpoint={run / 'checkpoints' / 'last.ckpt'}"
+        scfg = compose("sample", overrides=[checkpoint, "prompts=[a red circle]", "sampler=heun"])
+    pipeline = load_model(scfg)
+    assert pipeline.schedule.sigma_max == 80.0 and pipeline.prediction == "edm"
+    assert len(sample(scfg, tmp_path / "samples")) == scfg.num_per_prompt
+
+
 def _prompts(tmp_path):
     path = tmp_path / "prompts.txt"
     path.write_text("a blue square\n\n")
