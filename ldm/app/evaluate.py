@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.app import CONFIG_PATH, reported
-from ldm.app.sample import load_model
+from ldm.app.sample import load_model, use_posthoc_ema
 from ldm.metrics.attributes import headline
 from ldm.metrics.results import markdown_table, summarize, write_results
 from ldm.metrics.sweep import GridPoint, build_evaluator, grid_points
@@ -61,10 +61,20 @@ def evaluate(cfg: DictConfig, out_dir: str | Path) -> list[dict[str, Any]]:
     done = {(GridPoint.from_row(row).key, row["repeat"]) for row in rows}
     if rows and fabric.global_rank == 0:
         print(f"resuming: {len(rows)} runs already in {out_dir}/results.json", flush=True)
-    for point in grid_points(OmegaConf.to_container(cfg.grid, resolve=True)):
+    points = grid_points(OmegaConf.to_container(cfg.grid, resolve=True))
+    checkpoint_weights = _weights(pipeline) if any(p.ema is not None for p in points) else None
+    loaded = None  # the post-hoc EMA length in the networks; None: the checkpoint's
+    for point in points:
         for repeat in range(cfg.repeats):
             if (point.key, repeat) in done:
                 continue
+            if point.ema != loaded:
+                if point.ema is None:
+                    for name, network in pipeline.networks().items():
+                        network.load_state_dict(checkpoint_weights[name])
+                else:
+                    use_posthoc_ema(pipeline, cfg, point.ema)
+                loaded = point.ema
             row = evaluator.score(pipeline, point, repeat)
             rows.append(row)
             if fabric.global_rank == 0:
@@ -76,6 +86,13 @@ def evaluate(cfg: DictConfig, out_dir: str | Path) -> list[dict[str, Any]]:
         print(markdown_table(summarize(rows)))
         print(f"wrote {', '.join(str(p) for p in paths.values())}")
     return rows
+
+
+def _weights(pipeline: Any) -> dict[str, dict[str, Any]]:
+    return {
+        name: {k: v.detach().clone() for k, v in network.state_dict().items()}
+        for name, network in pipeline.networks().items()
+    }
 
 
 # What a run's scores depend on besides its grid point and repeat; the grid, the repeats and

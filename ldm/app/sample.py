@@ -52,6 +52,8 @@ def load_model(cfg: DictConfig) -> Pipeline:
         load_lora(pipeline, str(spec), f"lora{index}")
     if cfg.get("adapters") and cfg.get("adapters_merge"):
         merge_adapters(pipeline.networks())
+    if cfg.get("posthoc_ema") is not None:  # an EMA length chosen after training
+        use_posthoc_ema(pipeline, cfg, cfg.posthoc_ema)
     if cfg.get("exact_denoiser"):  # the network's place taken by its data's exact denoiser
         from ldm.studies.exact_latents import use_exact_denoiser
 
@@ -96,6 +98,21 @@ def read_prompts(cfg: DictConfig) -> list[str]:
 
 def slug(text: str, length: int = 40) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:length] or "empty"
+
+
+def use_posthoc_ema(pipeline: Pipeline, cfg: DictConfig, sigma_rel: float) -> dict[str, Any]:
+    """Put the post-hoc EMA of length ``sigma_rel`` (reconstructed from the snapshots in
+    ``cfg.posthoc_ema_dir``, default ``<run>/posthoc_ema`` beside the checkpoint's folder)
+    into the pipeline's trained networks."""
+    from ldm.training.posthoc_ema import load_posthoc
+
+    folder = cfg.get("posthoc_ema_dir") or Path(cfg.checkpoint).parent.parent / "posthoc_ema"
+    about = load_posthoc(pipeline.networks(), folder, float(sigma_rel))
+    log.info(
+        "post-hoc EMA sigma_rel %g at step %d from %d snapshots (profile fit error %.2g)",
+        sigma_rel, about["step"], about["snapshots"], about["fit_error"],
+    )  # fmt: skip
+    return about
 
 
 def sample(cfg: DictConfig, out_dir: str | Path) -> list[Path]:

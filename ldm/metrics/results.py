@@ -15,7 +15,8 @@ from ldm.metrics.attributes import RESULT_KEYS as ATTRIBUTE_KEYS
 from ldm.metrics.sweep import GridPoint
 
 # Not metrics: what a run was, not what it scored.
-RUN_KEYS = {"sampler", "steps", "guidance", "spacing", "eta", "options", "repeat", "n", "nfe"}
+RUN_KEYS = {"sampler", "steps", "guidance", "spacing", "eta", "options", "ema", "repeat", "n"}
+RUN_KEYS |= {"nfe"}
 RUN_KEYS |= {"seconds_per_image", "n_real", "n_fake"}
 # Spreads already: no spread or min over repeats of these.
 NO_SPREAD = re.compile(r"^(kid_std|is_std)")
@@ -63,9 +64,10 @@ def network_headlines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
 
 
 def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
-    columns = ["sampler", "eta", "spacing", "options", "guidance", "steps", "nfe", "n"]
-    if not any(row.get("options") for row in rows):
-        columns.remove("options")
+    columns = ["sampler", "eta", "spacing", "options", "ema", "guidance", "steps", "nfe", "n"]
+    for optional in ("options", "ema"):
+        if not any(row.get(optional) for row in rows):
+            columns.remove(optional)
     columns += [
         c
         for c in (

@@ -47,9 +47,12 @@ class GridPoint:
     steps: int
     guidance: float
     options: tuple[tuple[str, Any], ...] = ()  # the sampler's options the grid set, by name
+    ema: float | None = None  # a post-hoc EMA length (sigma_rel); None: the checkpoint's
 
     @classmethod
-    def make(cls, sampler: str, steps: int, guidance: float, **options: Any) -> GridPoint:
+    def make(
+        cls, sampler: str, steps: int, guidance: float, ema: float | None = None, **options: Any
+    ) -> GridPoint:
         """A point, its option names checked against the sampler's signature."""
         unknown = sorted(set(options) - set(sampler_options(sampler)))
         if unknown:
@@ -57,7 +60,8 @@ class GridPoint:
                 f"sampler {sampler!r} takes no option(s) {unknown}; it takes "
                 f"{sorted(sampler_options(sampler))}"
             )
-        return cls(sampler, int(steps), float(guidance), tuple(sorted(options.items())))
+        ema = None if ema is None else float(ema)
+        return cls(sampler, int(steps), float(guidance), tuple(sorted(options.items())), ema)
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> GridPoint:
@@ -65,7 +69,7 @@ class GridPoint:
         options = {"spacing": row["spacing"]} | dict(row.get("options") or {})
         if row.get("eta") is not None:
             options["eta"] = row["eta"]
-        return cls.make(row["sampler"], row["steps"], row["guidance"], **options)
+        return cls.make(row["sampler"], row["steps"], row["guidance"], row.get("ema"), **options)
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -88,26 +92,32 @@ class GridPoint:
     @property
     def key(self) -> tuple:
         """What the samples depend on: equal for the same settings however they were given."""
-        return (self.sampler, self.steps, self.guidance, tuple(sorted(self.settings.items())))
+        settings = tuple(sorted(self.settings.items()))
+        return (self.sampler, self.steps, self.guidance, settings, self.ema)
 
     @property
     def row(self) -> dict[str, Any]:
         """The columns that name this point in results."""
         columns = {"sampler": self.sampler, "steps": self.steps, "guidance": self.guidance}
-        return columns | {"spacing": self.spacing, "eta": self.eta, "options": self.extra}
+        columns |= {"spacing": self.spacing, "eta": self.eta, "options": self.extra}
+        return columns if self.ema is None else columns | {"ema": self.ema}
 
     @property
     def label(self) -> str:
         eta = "" if self.eta is None else f", eta {self.eta:g}"
         extra = "".join(f", {k} {_text(v)}" for k, v in self.extra.items())
-        return f"{self.sampler}{eta}, {self.spacing}{extra}, guidance {self.guidance:g}"
+        ema = "" if self.ema is None else f", ema {self.ema:g}"
+        return f"{self.sampler}{eta}, {self.spacing}{extra}, guidance {self.guidance:g}{ema}"
 
     @property
     def slug(self) -> str:
         """A folder name for this point's samples."""
         eta = "" if self.eta is None else f"_eta{self.eta:g}"
         extra = "".join(f"_{k}{_text(v)}" for k, v in self.extra.items())
-        return f"{self.sampler}{eta}_{self.spacing}{extra}_g{self.guidance:g}_steps{self.steps}"
+        ema = "" if self.ema is None else f"_ema{self.ema:g}"
+        return (
+            f"{self.sampler}{eta}_{self.spacing}{extra}_g{self.guidance:g}_steps{self.steps}{ema}"
+        )
 
     def make_sampler(self) -> Callable[..., Tensor]:
         return make_sampler(self.sampler, steps=self.steps, **dict(self.options))
@@ -147,11 +157,12 @@ def sampler_configs(grid: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 def grid_points(grid: Mapping[str, Any]) -> list[GridPoint]:
-    """Every configuration of ``grid.samplers`` (an option given as a list is swept) x
-    ``grid.steps`` x ``grid.guidance``; a point given twice counts once. Option names are
-    checked here, before any sample is made."""
+    """Every post-hoc EMA length of ``grid.ema`` (when given) x configuration of
+    ``grid.samplers`` (an option given as a list is swept) x ``grid.steps`` x
+    ``grid.guidance``; a point given twice counts once. Option names are checked here,
+    before any sample is made."""
     points: dict[tuple, GridPoint] = {}
-    for config in sampler_configs(grid):
+    for ema, config in itertools.product(grid.get("ema") or [None], sampler_configs(grid)):
         swept = {
             k: list(v) if isinstance(v, Sequence) and not isinstance(v, str) else [v]
             for k, v in config.items()
@@ -160,7 +171,7 @@ def grid_points(grid: Mapping[str, Any]) -> list[GridPoint]:
         for steps, guidance in itertools.product(grid["steps"], grid["guidance"]):
             for values in itertools.product(*swept.values()):
                 options = dict(zip(swept, values, strict=True))
-                point = GridPoint.make(config["name"], steps, guidance, **options)
+                point = GridPoint.make(config["name"], steps, guidance, ema, **options)
                 points.setdefault(point.key, point)
     return list(points.values())
 
