@@ -198,11 +198,12 @@ class FlowSchedule(Schedule):
         return (1 - tau) ** 2 / ((1 - tau) ** 2 + tau**2)
 
     def sigma_to_t(self, sigma: Tensor) -> Tensor:
-        """Timesteps at Karras noise level ``sigma = tau / (1 - tau)`` (``inf``: ``T-1``)."""
+        """Timesteps at Karras noise level ``sigma = tau / (1 - tau)``, clamped to the table's
+        ``[0, T-1]`` as ``Schedule``'s are (``inf``: ``T-1``)."""
         sigma = torch.as_tensor(sigma, dtype=torch.float64).cpu()
         tau = torch.where(torch.isinf(sigma), 1.0, sigma / (1 + sigma))
         u = tau / (self.shift - (self.shift - 1) * tau)  # the inverse of shift_time
-        return (u * self.num_train_timesteps - 1).clamp(-1, self.num_train_timesteps - 1)
+        return (u * self.num_train_timesteps - 1).clamp(0, self.num_train_timesteps - 1)
 
     def sampling_points(
         self, steps: int, spacing: str, *, offset: int = 0, rho: float = 7.0

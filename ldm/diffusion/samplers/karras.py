@@ -1,0 +1,126 @@
+"""Karras et al. (2022)'s ODE samplers in sigma (Euler, Heun with churn) and k-diffusion's
+ancestral Euler."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+from torch import Tensor
+
+from ldm.diffusion.samplers.base import (
+    Callback,
+    Denoiser,
+    Generators,
+    _check,
+    _churn,
+    _denoise,
+    _noise,
+    _points,
+    _report,
+)
+from ldm.diffusion.schedules import Schedule
+
+
+def sample_euler(
+    model: Denoiser,
+    x_T: Tensor,
+    schedule: Schedule,
+    *,
+    steps: int,
+    prediction: str = "eps",
+    spacing: str = "karras",
+    s_churn: float = 0.0,
+    s_tmin: float = 0.0,
+    s_tmax: float = math.inf,
+    s_noise: float = 1.0,
+    generator: Generators = None,
+    callback: Callback | None = None,
+    **spacing_opts,
+) -> Tensor:
+    """Euler's method on the probability-flow ODE (Karras et al. 2022, Alg. 2 with churn)."""
+    _check(x_T, prediction)
+    points = _points(schedule, steps, spacing, **spacing_opts)
+    x = x_T
+    for i, (here, there) in enumerate(itertools.pairwise(points)):
+        x, here = _churn(x, here, schedule, generator, s_churn, s_tmin, s_tmax, s_noise, steps)
+        x0, eps = _denoise(model, x, here, prediction)
+        # x_ve' = x_ve + (sigma' - sigma) (x_ve - D) / sigma = D + sigma' eps; times a'.
+        x = there.a * x0 + there.s * eps
+        _report(callback, i, steps, here, there, x, x0)
+    return x
+
+
+def sample_heun(
+    model: Denoiser,
+    x_T: Tensor,
+    schedule: Schedule,
+    *,
+    steps: int,
+    prediction: str = "eps",
+    spacing: str = "karras",
+    s_churn: float = 0.0,
+    s_tmin: float = 0.0,
+    s_tmax: float = math.inf,
+    s_noise: float = 1.0,
+    generator: Generators = None,
+    callback: Callback | None = None,
+    **spacing_opts,
+) -> Tensor:
+    """Heun's second-order method (Karras et al. 2022, Alg. 2).
+
+    The step into the clean data, and the step out of ``sigma = inf`` at zero terminal
+    SNR, are Euler steps (the trapezoid has no finite limit there): ``2 * steps - 1``
+    network calls, ``2 * steps - 2`` at zero terminal SNR.
+    """
+    _check(x_T, prediction)
+    points = _points(schedule, steps, spacing, **spacing_opts)
+    x = x_T
+    for i, (here, there) in enumerate(itertools.pairwise(points)):
+        x, here = _churn(x, here, schedule, generator, s_churn, s_tmin, s_tmax, s_noise, steps)
+        x0, eps = _denoise(model, x, here, prediction)
+        x_euler = there.a * x0 + there.s * eps
+        if there.alpha_bar == 1 or here.alpha_bar == 0:
+            x = x_euler
+        else:
+            _, eps_next = _denoise(model, x_euler, there, prediction)
+            # The VE derivative (x_ve - D) / sigma is eps; average it at both ends.
+            x_ve = x / here.a + (there.sigma - here.sigma) * (eps + eps_next) / 2
+            x = there.a * x_ve
+        _report(callback, i, steps, here, there, x, x0)
+    return x
+
+
+def sample_euler_ancestral(
+    model: Denoiser,
+    x_T: Tensor,
+    schedule: Schedule,
+    *,
+    steps: int,
+    prediction: str = "eps",
+    spacing: str = "karras",
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+    generator: Generators = None,
+    callback: Callback | None = None,
+    **spacing_opts,
+) -> Tensor:
+    """Ancestral Euler (k-diffusion's ``sample_euler_ancestral``): an Euler step to
+    ``sigma_down``, then fresh noise of size ``sigma_up``."""
+    _check(x_T, prediction)
+    if eta < 0:
+        raise ValueError(f"eta must be non-negative, got {eta}")
+    points = _points(schedule, steps, spacing, **spacing_opts)
+    x = x_T
+    for i, (here, there) in enumerate(itertools.pairwise(points)):
+        x0, eps = _denoise(model, x, here, prediction)
+        sigma, sigma_next = here.sigma, there.sigma
+        ratio = sigma_next / sigma  # 0 when sigma is infinite
+        sigma_up = min(sigma_next, eta * sigma_next * math.sqrt(max(1 - ratio**2, 0.0)))
+        sigma_down = math.sqrt(sigma_next**2 - sigma_up**2)
+        x_ve = x0 + sigma_down * eps
+        if sigma_up > 0:
+            x_ve = x_ve + sigma_up * s_noise * _noise(x, generator)
+        x = there.a * x_ve
+        _report(callback, i, steps, here, there, x, x0)
+    return x
