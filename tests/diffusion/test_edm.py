@@ -90,11 +90,10 @@ def _algorithm_2(x_T, steps, s_churn, s_tmin, s_tmax, s_noise, generator):
     t = [*karras_sigmas(0.002, 80.0, steps, 7.0).tolist(), 0.0]
     x = x_T * math.sqrt(1 + t[0] ** 2)  # our x_T is the VP state at sigma_max
     for i in range(steps):
+        noise = torch.randn(x.shape, generator=generator, dtype=x.dtype)  # every step
         gamma = min(s_churn / steps, math.sqrt(2) - 1) if s_tmin <= t[i] <= s_tmax else 0.0
         t_hat = t[i] + gamma * t[i]
-        if gamma > 0:
-            noise = torch.randn(x.shape, generator=generator, dtype=x.dtype)
-            x = x + math.sqrt(t_hat**2 - t[i] ** 2) * s_noise * noise
+        x = x + math.sqrt(t_hat**2 - t[i] ** 2) * s_noise * noise
         d = (x - denoise(x, t_hat)) / t_hat
         x_next = x + (t[i + 1] - t_hat) * d
         if t[i + 1] != 0:

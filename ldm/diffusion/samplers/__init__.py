@@ -31,9 +31,19 @@ from ldm.diffusion.samplers.base import (
     threshold_x0,
 )
 from ldm.diffusion.samplers.ddpm import sample_ddim, sample_ddpm
-from ldm.diffusion.samplers.dpm import sample_dpmpp_2m
+from ldm.diffusion.samplers.dpm import (
+    sample_dpmpp_2m,
+    sample_dpmpp_2m_sde,
+    sample_dpmpp_2s_ancestral,
+    sample_dpmpp_3m_sde,
+)
 from ldm.diffusion.samplers.flow import sample_flow_euler, sample_flow_heun
-from ldm.diffusion.samplers.karras import sample_euler, sample_euler_ancestral, sample_heun
+from ldm.diffusion.samplers.karras import (
+    sample_euler,
+    sample_euler_ancestral,
+    sample_heun,
+    sample_lms,
+)
 from ldm.diffusion.schedules import Schedule
 
 __all__ = [
@@ -48,6 +58,9 @@ __all__ = [
     "sample_ddim",
     "sample_ddpm",
     "sample_dpmpp_2m",
+    "sample_dpmpp_2m_sde",
+    "sample_dpmpp_2s_ancestral",
+    "sample_dpmpp_3m_sde",
     "sample_euler",
     "sample_euler_ancestral",
     "sample_flow_euler",
@@ -65,6 +78,10 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "heun": sample_heun,
     "euler_ancestral": sample_euler_ancestral,
     "dpmpp_2m": sample_dpmpp_2m,
+    "dpmpp_2m_sde": sample_dpmpp_2m_sde,
+    "dpmpp_3m_sde": sample_dpmpp_3m_sde,
+    "dpmpp_2s_ancestral": sample_dpmpp_2s_ancestral,
+    "lms": sample_lms,
     "flow_euler": sample_flow_euler,
     "flow_heun": sample_flow_heun,
 }

@@ -150,13 +150,31 @@ def _churn(
     s_noise: float,
     steps: int,
 ) -> tuple[Tensor, _Point]:
-    """Karras et al. (2022) Alg. 2 lines 4-6: raise the noise from sigma to sigma-hat."""
+    """Karras et al. (2022) Alg. 2 lines 4-6: raise the noise from sigma to sigma-hat. As
+    there (and in k-diffusion), a noise tensor is drawn at every step once ``s_churn > 0``,
+    inside the churn window or not, so the streams agree."""
     sigma = here.sigma
-    if s_churn <= 0 or not s_tmin <= sigma <= s_tmax or math.isinf(sigma):
+    if s_churn <= 0:
+        return x, here
+    noise = _noise(x, generator)
+    if not s_tmin <= sigma <= s_tmax or math.isinf(sigma):
         return x, here
     gamma = min(s_churn / steps, math.sqrt(2) - 1)
     sigma_hat = sigma * (1 + gamma)
-    x_ve = x / here.a + math.sqrt(sigma_hat**2 - sigma**2) * s_noise * _noise(x, generator)
-    ab_hat = 1 / (1 + sigma_hat**2)
-    t_hat = float(schedule.sigma_to_t(torch.tensor(sigma_hat)))
-    return x_ve * math.sqrt(ab_hat), _Point(t_hat, ab_hat)
+    x_ve = x / here.a + math.sqrt(sigma_hat**2 - sigma**2) * s_noise * noise
+    hat = _at_sigma(schedule, sigma_hat)
+    return x_ve * hat.a, hat
+
+
+def _at_sigma(schedule: Schedule, sigma: float) -> _Point:
+    """The point at Karras noise level ``sigma`` (a fractional timestep of ``schedule``)."""
+    t = float(schedule.sigma_to_t(torch.tensor(sigma, dtype=torch.float64)))
+    return _Point(t, 1 / (1 + sigma**2))
+
+
+def _ancestral(sigma: float, sigma_next: float, eta: float) -> tuple[float, float]:
+    """k-diffusion's ``get_ancestral_step``: ``(sigma_down, sigma_up)`` with
+    ``sigma_down^2 + sigma_up^2 = sigma_next^2``; ``eta = 1`` is DDPM's noise."""
+    ratio = sigma_next / sigma  # 0 when sigma is infinite
+    sigma_up = min(sigma_next, eta * sigma_next * math.sqrt(max(1 - ratio**2, 0.0)))
+    return math.sqrt(sigma_next**2 - sigma_up**2), sigma_up

@@ -6,12 +6,14 @@ from __future__ import annotations
 import itertools
 import math
 
+import numpy as np
 from torch import Tensor
 
 from ldm.diffusion.samplers.base import (
     Callback,
     Denoiser,
     Generators,
+    _ancestral,
     _check,
     _churn,
     _denoise,
@@ -114,13 +116,62 @@ def sample_euler_ancestral(
     x = x_T
     for i, (here, there) in enumerate(itertools.pairwise(points)):
         x0, eps = _denoise(model, x, here, prediction)
-        sigma, sigma_next = here.sigma, there.sigma
-        ratio = sigma_next / sigma  # 0 when sigma is infinite
-        sigma_up = min(sigma_next, eta * sigma_next * math.sqrt(max(1 - ratio**2, 0.0)))
-        sigma_down = math.sqrt(sigma_next**2 - sigma_up**2)
+        sigma_down, sigma_up = _ancestral(here.sigma, there.sigma, eta)
         x_ve = x0 + sigma_down * eps
         if sigma_up > 0:
             x_ve = x_ve + sigma_up * s_noise * _noise(x, generator)
         x = there.a * x_ve
+        _report(callback, i, steps, here, there, x, x0)
+    return x
+
+
+def _lms_coefficients(nodes: list[float], target: float) -> list[float]:
+    """The integrals from ``nodes[0]`` to ``target`` of the Lagrange basis polynomials on
+    ``nodes`` (newest first), in closed form."""
+    out = []
+    for j, node in enumerate(nodes):
+        basis = np.poly1d([1.0])
+        for k, other in enumerate(nodes):
+            if k != j:
+                basis = basis * np.poly1d([1.0, -other]) / (node - other)
+        antiderivative = np.polyint(basis)
+        out.append(float(antiderivative(target) - antiderivative(nodes[0])))
+    return out
+
+
+def sample_lms(
+    model: Denoiser,
+    x_T: Tensor,
+    schedule: Schedule,
+    *,
+    steps: int,
+    prediction: str = "eps",
+    spacing: str = "karras",
+    order: int = 4,
+    generator: Generators = None,
+    callback: Callback | None = None,
+    **spacing_opts,
+) -> Tensor:
+    """Linear multistep (k-diffusion's ``sample_lms``): the VE derivative ``eps`` of the
+    last ``order`` steps, interpolated by a polynomial in ``sigma`` and integrated over the
+    step exactly. From ``sigma = inf`` (zero terminal SNR) the first step is Euler's."""
+    _check(x_T, prediction)
+    if order < 1:
+        raise ValueError(f"LMS order must be at least 1, got {order}")
+    points = _points(schedule, steps, spacing, **spacing_opts)
+    x = x_T
+    history: list[tuple[float, Tensor]] = []  # (sigma, eps), newest last
+    for i, (here, there) in enumerate(itertools.pairwise(points)):
+        x0, eps = _denoise(model, x, here, prediction)
+        if math.isinf(here.sigma):
+            x = there.a * x0 + there.s * eps
+        else:
+            history = [*history, (here.sigma, eps)][-order:]
+            nodes = [sigma for sigma, _ in reversed(history)]
+            coefficients = _lms_coefficients(nodes, there.sigma)
+            x_ve = x / here.a
+            for coefficient, (_, d) in zip(coefficients, reversed(history), strict=True):
+                x_ve = x_ve + coefficient * d
+            x = there.a * x_ve
         _report(callback, i, steps, here, there, x, x0)
     return x
