@@ -9,6 +9,7 @@ PYTEST_ARGS ?= -n 2 --dist loadgroup
 $(STAMP): pyproject.toml
 	test -x $(PYTHON) || python3 -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet -e '.[dev]'
+	$(PYTHON) -m pip install --quiet --no-deps k-diffusion==0.1.1.post1  # a test oracle (pyproject)
 	touch $(STAMP)
 
 QUICK := $(or $(LDM_OUTPUT_DIR),outputs)/quickstart
