@@ -225,3 +225,36 @@ def test_registry_and_bad_options():
         sample_euler(lambda x, t: torch.zeros(2, 3), torch.randn(2, 2), schedule, steps=5)
     with pytest.raises(ValueError, match="eta must be non-negative"):
         sample_euler_ancestral(lambda x, t: x, torch.randn(2, 2), schedule, steps=5, eta=-1)
+
+
+# Network calls for `steps` steps (plain schedule; zero terminal SNR saves one in the
+# two-stage samplers, whose step out of sigma = inf is an Euler step): what NFE counts.
+NFE = {
+    "ddpm": lambda n: n,
+    "ddim": lambda n: n,
+    "euler": lambda n: n,
+    "heun": lambda n: 2 * n - 1,
+    "euler_ancestral": lambda n: n,
+    "dpmpp_2m": lambda n: n,
+    "lms": lambda n: n,
+    "dpmpp_2m_sde": lambda n: n,
+    "dpmpp_3m_sde": lambda n: n,
+    "dpmpp_2s_ancestral": lambda n: 2 * n - 1,
+    "flow_euler": lambda n: n,
+    "flow_heun": lambda n: 2 * n - 1,
+}
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_every_sampler_makes_its_documented_number_of_network_calls(name):
+    schedule = make_schedule("scaled_linear")
+    calls = []
+    exact = GAUSSIAN.denoiser(schedule, "v")
+
+    def model(x, t):
+        calls.append(t)
+        return exact(x, t)
+
+    x_T = torch.randn(8, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    make_sampler(name, steps=7)(model, x_T, schedule, prediction="v", generator=torch.Generator())
+    assert len(calls) == NFE[name](7)
