@@ -242,6 +242,7 @@ NFE = {
     "dpmpp_2s_ancestral": lambda n: 2 * n - 1,
     "flow_euler": lambda n: n,
     "flow_heun": lambda n: 2 * n - 1,
+    "unipc": lambda n: n,  # the corrector reuses the next step's call
 }
 
 

@@ -44,6 +44,7 @@ from ldm.diffusion.samplers.karras import (
     sample_heun,
     sample_lms,
 )
+from ldm.diffusion.samplers.unipc import sample_unipc
 from ldm.diffusion.schedules import Schedule
 
 __all__ = [
@@ -82,6 +83,7 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "dpmpp_3m_sde": sample_dpmpp_3m_sde,
     "dpmpp_2s_ancestral": sample_dpmpp_2s_ancestral,
     "lms": sample_lms,
+    "unipc": sample_unipc,
     "flow_euler": sample_flow_euler,
     "flow_heun": sample_flow_heun,
 }
