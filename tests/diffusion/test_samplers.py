@@ -243,6 +243,7 @@ NFE = {
     "flow_euler": lambda n: n,
     "flow_heun": lambda n: 2 * n - 1,
     "unipc": lambda n: n,  # the corrector reuses the next step's call
+    "deis": lambda n: n,
 }
 
 

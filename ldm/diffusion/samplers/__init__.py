@@ -39,6 +39,7 @@ from ldm.diffusion.samplers.dpm import (
 )
 from ldm.diffusion.samplers.flow import sample_flow_euler, sample_flow_heun
 from ldm.diffusion.samplers.karras import (
+    sample_deis,
     sample_euler,
     sample_euler_ancestral,
     sample_heun,
@@ -58,6 +59,7 @@ __all__ = [
     "make_sampler",
     "sample_ddim",
     "sample_ddpm",
+    "sample_deis",
     "sample_dpmpp_2m",
     "sample_dpmpp_2m_sde",
     "sample_dpmpp_2s_ancestral",
@@ -83,6 +85,7 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "dpmpp_3m_sde": sample_dpmpp_3m_sde,
     "dpmpp_2s_ancestral": sample_dpmpp_2s_ancestral,
     "lms": sample_lms,
+    "deis": sample_deis,
     "unipc": sample_unipc,
     "flow_euler": sample_flow_euler,
     "flow_heun": sample_flow_heun,
