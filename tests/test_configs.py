@@ -9,6 +9,7 @@ from hydra.utils import instantiate
 
 from ldm.diffusion.analytic import GaussianMixture
 from ldm.diffusion.objective import LOSS_WEIGHTINGS, PREDICTIONS
+from ldm.diffusion.samplers import SAMPLERS
 from ldm.diffusion.schedules import Schedule, make_schedule
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -58,6 +59,11 @@ def test_group_option_instantiates(group, option):
         assert out.shape == (8, 2) and bool(torch.isfinite(out).all())
     else:  # groups added later are checked by their own tests; here they must compose
         assert node is not None
+
+
+def test_every_registered_sampler_has_a_config():
+    """sample.py sampler=NAME and the HTTP service read them."""
+    assert {p.stem for p in (CONF / "sampler").glob("*.yaml")} == set(SAMPLERS)
 
 
 @pytest.mark.parametrize("sampler", sorted(p.stem for p in (CONF / "sampler").glob("*.yaml")))

@@ -173,7 +173,8 @@ class ImageService:
         if not 1 <= steps <= self.max_steps:
             raise BadRequest("steps", f"steps={steps} is outside 1..{self.max_steps}")
         if eta is not None and "eta" not in self.samplers[name]:
-            raise BadRequest("eta", f"sampler {name} takes no eta (ddim and euler_ancestral do)")
+            takes = sorted(n for n, options in self.samplers.items() if "eta" in options)
+            raise BadRequest("eta", f"sampler {name} takes no eta ({', '.join(takes)} do)")
         return steps, eta
 
     def check_adapters(self, adapters: dict[str, float]) -> tuple[tuple[str, float], ...]:
