@@ -46,7 +46,7 @@ class LatentDiffusion(L.LightningModule):
         vae: nn.Module | None = None,  # frozen; None: diffusion on the images themselves
         *,
         schedule: Schedule,
-        prediction: str = "eps",  # eps | x0 | v
+        prediction: str = "eps",  # eps | x0 | v | flow | edm
         loss_weighting: str = "uniform",  # uniform | min_snr
         min_snr_gamma: float = 5.0,
         timestep_sampling: str = "uniform",  # uniform | logit_normal (SD3) | log_normal (EDM)
