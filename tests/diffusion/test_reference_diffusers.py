@@ -575,6 +575,28 @@ def test_diffusers_dpm_solver_calls_the_model_at_rounded_karras_timesteps(name):
         assert _max_err(ours, runs[True]) < 5e-5 < 1e-3 < _max_err(ours, runs[False])
 
 
+def _trajectories(name, options, scheduler, schedule, prediction, steps):
+    """Our sampler's state after every step and a diffusers multistep scheduler's (VP state,
+    Karras points, ours swapped in so that only the arithmetic is compared)."""
+    x_T, ours = _x_T(), []
+    make_sampler(name, steps=steps, **options)(
+        MIXTURE.denoiser(schedule, prediction),
+        x_T,
+        schedule,
+        prediction=prediction,
+        callback=lambda step: ours.append(step.x),
+    )
+    scheduler.set_timesteps(steps)
+    _inject_grid(scheduler, schedule, steps, "karras")
+    scheduler.set_begin_index(0)
+    model, x, theirs = _oracle(schedule, prediction), x_T, []
+    for i, t in enumerate(scheduler.timesteps):
+        t_model = schedule.sigma_to_t(scheduler.sigmas[i].double())
+        x = scheduler.step(model(x, t_model), t, x).prev_sample
+        theirs.append(x)
+    return ours, theirs
+
+
 UNIPC_CASES = [  # (order, variant, schedule, prediction, steps)
     (1, "bh2", "scaled_linear", "eps", 10),
     (2, "bh2", "scaled_linear", "eps", 10),
@@ -597,23 +619,8 @@ def test_unipc_matches_diffusers(case):
         **KARRAS,
         **TO_ZERO,
     )
-    x_T = _x_T()
-    ours = []
-    make_sampler("unipc", steps=steps, order=order, variant=variant)(
-        MIXTURE.denoiser(schedule, prediction),
-        x_T,
-        schedule,
-        prediction=prediction,
-        callback=lambda step: ours.append(step.x),
-    )
-    scheduler.set_timesteps(steps)
-    _inject_grid(scheduler, schedule, steps, "karras")  # same points: only the arithmetic
-    scheduler.set_begin_index(0)
-    model, x, theirs = _oracle(schedule, prediction), x_T, []
-    for i, t in enumerate(scheduler.timesteps):
-        t_model = schedule.sigma_to_t(scheduler.sigmas[i].double())
-        x = scheduler.step(model(x, t_model), t, x).prev_sample
-        theirs.append(x)
+    options = {"order": order, "variant": variant}
+    ours, theirs = _trajectories("unipc", options, scheduler, schedule, prediction, steps)
     # Every step agrees up to diffusers' float32 state (measured <= 1e-6). Its bh1 makes NaN
     # on the step into the data: B(h) = -h is -inf there, times a residual of 0 (order 1).
     last = len(ours) - (1 if variant == "bh1" else 0)
@@ -641,22 +648,7 @@ def test_deis_matches_diffusers(case):
     scheduler = _scheduler(
         diffusers.DEISMultistepScheduler, name, prediction, solver_order=order, **KARRAS
     )
-    x_T, ours = _x_T(), []
-    make_sampler("deis", steps=steps, order=order)(
-        MIXTURE.denoiser(schedule, prediction),
-        x_T,
-        schedule,
-        prediction=prediction,
-        callback=lambda step: ours.append(step.x),
-    )
-    scheduler.set_timesteps(steps)
-    _inject_grid(scheduler, schedule, steps, "karras")  # same points: only the arithmetic
-    scheduler.set_begin_index(0)
-    model, x, theirs = _oracle(schedule, prediction), x_T, []
-    for i, t in enumerate(scheduler.timesteps):
-        t_model = schedule.sigma_to_t(scheduler.sigmas[i].double())
-        x = scheduler.step(model(x, t_model), t, x).prev_sample
-        theirs.append(x)
+    ours, theirs = _trajectories("deis", {"order": order}, scheduler, schedule, prediction, steps)
     # diffusers' DEIS ends at the schedule's sigma_min (no final_sigmas_type), so its last
     # sigma is swapped for ours, 0. From 15 steps on it keeps order 2-3 into sigma = 0, where
     # its log-rho integral evaluates 0 * log(0): NaN. The limit is 0, which ours takes.
