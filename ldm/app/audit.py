@@ -27,7 +27,7 @@ from ldm.metrics.audit import (
     write_audit,
 )
 from ldm.metrics.sweep import GridPoint, grid_points
-from ldm.pipeline import Pipeline
+from ldm.pipeline import Pipeline, step_generators
 from ldm.seeding import stable_seed
 
 KEEP = 8  # sample images per prompt in <name>_samples.png
@@ -101,10 +101,13 @@ def _generator(
 
     def generate(captions: list[str], indices: list[int]) -> torch.Tensor:
         seeds = [stable_seed(seed, "audit", captions[0], i) for i in indices]
-        steps = [torch.Generator(device).manual_seed(stable_seed(s, "steps")) for s in seeds]
         with torch.no_grad():
             return pipeline.generate(
-                captions, sampler, guidance_scale=point.guidance, seeds=seeds, generator=steps
+                captions,
+                sampler,
+                guidance_scale=point.guidance,
+                seeds=seeds,
+                generator=step_generators(seeds, device),
             )
 
     return generate

@@ -56,9 +56,7 @@ def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
     sqrt_ab = torch.cumprod(1 - betas.double(), dim=0).sqrt()
     first, last = sqrt_ab[0].clone(), sqrt_ab[-1].clone()
     sqrt_ab = (sqrt_ab - last) * first / (first - last)
-    alpha_bar = sqrt_ab**2
-    alphas = torch.cat([alpha_bar[:1], alpha_bar[1:] / alpha_bar[:-1]])
-    return 1 - alphas
+    return _betas(sqrt_ab**2)
 
 
 @dataclass(frozen=True, eq=False)
@@ -194,8 +192,7 @@ class FlowSchedule(Schedule):
         last = self.num_train_timesteps - 1
         if bool(((t < -1) | (t > last)).any()):
             raise ValueError(f"timesteps must lie in [-1, {last}], got {t.flatten().tolist()}")
-        tau = self.tau(t)
-        return (1 - tau) ** 2 / ((1 - tau) ** 2 + tau**2)
+        return _flow_alpha_bar(t, self.num_train_timesteps, self.shift)
 
     def sigma_to_t(self, sigma: Tensor) -> Tensor:
         """Timesteps at Karras noise level ``sigma = tau / (1 - tau)``, clamped to the table's
@@ -225,11 +222,18 @@ def flow_schedule(num_train_timesteps: int = 1000, shift: float = 1.0) -> FlowSc
     if not shift > 0:
         raise ValueError(f"the flow shift must be positive, got {shift}")
     t = torch.arange(num_train_timesteps, dtype=torch.float64)
+    alpha_bar = _flow_alpha_bar(t, num_train_timesteps, shift)
+    return FlowSchedule(betas=_betas(alpha_bar), alphas_cumprod=alpha_bar, shift=float(shift))
+
+
+def _flow_alpha_bar(t: Tensor, num_train_timesteps: int, shift: float) -> Tensor:
     tau = shift_time((t + 1) / num_train_timesteps, shift)
-    alpha_bar = (1 - tau) ** 2 / ((1 - tau) ** 2 + tau**2)
-    previous = torch.cat([alpha_bar.new_ones(1), alpha_bar[:-1]])
-    betas = 1 - alpha_bar / previous
-    return FlowSchedule(betas=betas, alphas_cumprod=alpha_bar, shift=float(shift))
+    return (1 - tau) ** 2 / ((1 - tau) ** 2 + tau**2)
+
+
+def _betas(alpha_bar: Tensor) -> Tensor:
+    """The betas whose cumulative product of ``1 - beta`` is ``alpha_bar``."""
+    return 1 - alpha_bar / torch.cat([alpha_bar.new_ones(1), alpha_bar[:-1]])
 
 
 @dataclass(frozen=True, eq=False)
@@ -249,8 +253,7 @@ class EDMSchedule(Schedule):
     def sigma(self, t: Tensor) -> Tensor:
         """The noise level of timesteps ``t`` in ``[0, T-1]`` (float64)."""
         t = torch.as_tensor(t, dtype=torch.float64)
-        lo, hi = math.log(self.sigma_min), math.log(self.sigma_max)
-        return torch.exp(lo + t / (self.num_train_timesteps - 1) * (hi - lo))
+        return _edm_sigma(t, self.num_train_timesteps, self.sigma_min, self.sigma_max)
 
     def alphas_cumprod_at(self, t: Tensor) -> Tensor:
         t = torch.as_tensor(t, dtype=torch.float64)
@@ -281,11 +284,14 @@ def edm_schedule(
     """EDM's noise levels between ``sigma_min`` and ``sigma_max`` (the paper's 0.002, 80)."""
     if not 0 < sigma_min < sigma_max < math.inf:
         raise ValueError(f"need 0 < sigma_min < sigma_max < inf, got {sigma_min}, {sigma_max}")
+    t = torch.arange(num_train_timesteps, dtype=torch.float64)
+    alpha_bar = 1 / (1 + _edm_sigma(t, num_train_timesteps, sigma_min, sigma_max) ** 2)
+    return EDMSchedule(_betas(alpha_bar), alpha_bar, float(sigma_min), float(sigma_max))
+
+
+def _edm_sigma(t: Tensor, num_train_timesteps: int, sigma_min: float, sigma_max: float) -> Tensor:
     lo, hi = math.log(sigma_min), math.log(sigma_max)
-    ramp = torch.arange(num_train_timesteps, dtype=torch.float64) / (num_train_timesteps - 1)
-    alpha_bar = 1 / (1 + torch.exp(lo + ramp * (hi - lo)) ** 2)
-    betas = 1 - alpha_bar / torch.cat([alpha_bar.new_ones(1), alpha_bar[:-1]])
-    return EDMSchedule(betas, alpha_bar, float(sigma_min), float(sigma_max))
+    return torch.exp(lo + t / (num_train_timesteps - 1) * (hi - lo))
 
 
 def make_schedule(

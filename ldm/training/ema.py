@@ -31,8 +31,10 @@ class EMA(nn.Module):
         return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
 
     @torch.no_grad()
-    def update(self, network: nn.Module) -> None:
-        decay = self.current_decay()
+    def update(self, network: nn.Module, decay: float | None = None) -> None:
+        """One step towards ``network``'s weights with ``decay`` (default: the configured
+        decay, warmed up)."""
+        decay = self.current_decay() if decay is None else decay
         averaged = dict(self.average.named_parameters())
         targets, sources = [], []
         for name, param in network.named_parameters():

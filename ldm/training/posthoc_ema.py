@@ -16,7 +16,6 @@ approximated by the combination of saved profiles closest to it in L2
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -30,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from ldm.io import read_safetensors, save_safetensors
+from ldm.training.ema import EMA
 
 log = logging.getLogger(__name__)
 SNAPSHOT = "step_{:09d}.safetensors"
@@ -70,11 +70,20 @@ def posthoc_coefficients(
     """Weights ``x`` (N,) of the saved averages (taken at ``steps`` with exponents ``gammas``)
     whose combined profile is closest in L2 to the profile ``(step, gamma)``, normalised to
     sum to 1 (App. C.2, Eq. 41-43)."""
+    return _solve(steps, gammas, step, gamma)[0]
+
+
+def _solve(
+    steps: Sequence[int], gammas: Sequence[float], step: int, gamma: float
+) -> tuple[np.ndarray, float]:
+    """``posthoc_coefficients`` and the fit's relative L2 error ``|sum x_i p_i - p_r| / |p_r|``."""
     t, g = np.asarray(steps, dtype=np.float64), np.asarray(gammas, dtype=np.float64)
     a = profile_dot(t[:, None], g[:, None], t[None, :], g[None, :])
     b = profile_dot(t, g, float(step), float(gamma))
     x = np.linalg.lstsq(a, b, rcond=None)[0]  # A may be near singular: least squares
-    return x / x.sum()
+    x = x / x.sum()
+    rr = float(profile_dot(step, gamma, step, gamma))
+    return x, math.sqrt(max(x @ a @ x - 2 * x @ b + rr, 0.0) / rr)
 
 
 def _float_names(network: nn.Module) -> list[str]:
@@ -83,41 +92,26 @@ def _float_names(network: nn.Module) -> list[str]:
 
 class PowerEMA(nn.Module):
     """Power-function EMAs of ``network`` for each ``sigma_rel``: ``update(network, step)``
-    after optimizer step ``step`` (1-based). Frozen parameters are copied, not averaged."""
+    after optimizer step ``step`` (1-based). Each is an ``EMA`` stepped with the power
+    function's decay (frozen parameters copied, not averaged)."""
 
     def __init__(self, network: nn.Module, sigma_rels: Sequence[float]):
         super().__init__()
         self.sigma_rels = [float(s) for s in sigma_rels]
         self.gammas = [sigma_rel_to_gamma(s) for s in self.sigma_rels]
-        self.averages = nn.ModuleList(_frozen_copy(network) for _ in self.sigma_rels)
+        self.averages = nn.ModuleList(EMA(network, 0.0, warmup=False) for _ in self.sigma_rels)
 
-    @torch.no_grad()
     def update(self, network: nn.Module, step: int) -> None:
-        sources = dict(network.named_parameters())
         for gamma, average in zip(self.gammas, self.averages, strict=True):
-            beta = power_beta(gamma, step)
-            targets, values = [], []
-            for name, target in average.named_parameters():
-                source = sources[name].detach()
-                if sources[name].requires_grad:
-                    targets.append(target)
-                    values.append(source.to(target.dtype))
-                else:
-                    target.copy_(source)
-            if targets:
-                torch._foreach_lerp_(targets, values, 1 - beta)
+            average.update(network, power_beta(gamma, step))
 
     def snapshot(self) -> dict[str, Tensor]:
         """``{"<i>/<parameter>": tensor}`` for every average ``i``."""
         return {
             f"{i}/{name}": p.detach().cpu().contiguous()
-            for i, average in enumerate(self.averages)
-            for name, p in average.named_parameters()
+            for i, ema in enumerate(self.averages)
+            for name, p in ema.average.named_parameters()
         }
-
-
-def _frozen_copy(network: nn.Module) -> nn.Module:
-    return copy.deepcopy(network).eval().requires_grad_(False)
 
 
 class PostHocEMA(L.Callback):
@@ -223,29 +217,15 @@ def reconstruct(
     gamma = sigma_rel_to_gamma(sigma_rel)
     steps = [s for s, gammas, _ in used for _ in gammas]
     gammas = [g for _, gs, _ in used for g in gs]
-    weights = posthoc_coefficients(steps, gammas, step, gamma)
+    weights, error = _solve(steps, gammas, step, gamma)
     merged: dict[str, Tensor] = {}
-    position = 0
+    offset = 0  # where each snapshot's averages start in ``weights``
     for _, gs, tensors in used:
-        for i in range(len(gs)):
-            w = float(weights[position])
-            position += 1
-            for key, value in tensors.items():
-                index, name = key.split("/", 1)
-                if int(index) != i:
-                    continue
-                term = value.double() * w
-                merged[name] = merged[name] + term if name in merged else term
-    # The fit: |sum x_i p_i - p_r| / |p_r| in L2.
-    a = profile_dot(
-        np.array(steps)[:, None],
-        np.array(gammas)[:, None],
-        np.array(steps)[None],
-        np.array(gammas)[None],
-    )
-    b = profile_dot(np.array(steps), np.array(gammas), step, gamma)
-    rr = float(profile_dot(step, gamma, step, gamma))
-    error = math.sqrt(max(weights @ a @ weights - 2 * weights @ b + rr, 0.0) / rr)
+        for key, value in tensors.items():
+            index, name = key.split("/", 1)
+            term = value.double() * float(weights[offset + int(index)])
+            merged[name] = merged[name] + term if name in merged else term
+        offset += len(gs)
     about = {"sigma_rel": sigma_rel, "step": step, "snapshots": len(used), "fit_error": error}
     return {k: v.float() for k, v in merged.items()}, about
 
