@@ -285,14 +285,14 @@ def test_several_feature_networks_share_one_generation_pass(checkpoint, tmp_path
 
     torch.manual_seed(0)
     weights = tmp_path / "clip.pt"
-    torch.save(open_clip.create_model("ViT-B-32", force_quick_gelu=True).state_dict(), weights)
+    torch.save(open_clip.create_model("ViT-S-32").state_dict(), weights)
     cfg = _compose(
         *BASE,
         f"checkpoint={checkpoint}",
         f"cache_dir={tmp_path / 'cache'}",
         "grid.steps=[2]",
         "attributes=false",
-        f"extractor=[tiny,tiny:32,clip-ViT-B-32:{weights}]",
+        f"extractor=[tiny,tiny:32,clip-ViT-S-32:{weights}]",
     )
     (run,) = evaluate(cfg, tmp_path / "out")
     assert run["fid"] == run["fd_tiny"] and run["kid_mean"] == run["kid_tiny"]
