@@ -27,14 +27,15 @@ class CrossAttention(nn.Module):
         heads: int = 8,  # number of heads
         head_dim: int = 64,  # channels per head
         dropout: float = 0.0,  # on the output projection
+        bias: bool = False,  # biases on q, k, v (SD: none; DiT: yes)
     ):
         super().__init__()
         inner = heads * head_dim
         context_dim = query_dim if context_dim is None else context_dim
         self.heads = heads
-        self.to_q = nn.Linear(query_dim, inner, bias=False)
-        self.to_k = nn.Linear(context_dim, inner, bias=False)
-        self.to_v = nn.Linear(context_dim, inner, bias=False)
+        self.to_q = nn.Linear(query_dim, inner, bias=bias)
+        self.to_k = nn.Linear(context_dim, inner, bias=bias)
+        self.to_v = nn.Linear(context_dim, inner, bias=bias)
         self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(dropout))
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
@@ -57,13 +58,27 @@ class GEGLU(nn.Module):
         return x * F.gelu(gate)
 
 
-class FeedForward(nn.Module):
-    """GEGLU feed-forward, ``mult`` times wider inside."""
+class GELU(nn.Module):
+    """``gelu(proj(x))``, tanh-approximated (DiT's MLP; the ``proj`` name is diffusers')."""
 
-    def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0):
+    def __init__(self, dim_in: int, dim_out: int):
         super().__init__()
-        inner = dim * mult
-        self.net = nn.Sequential(GEGLU(dim, inner), nn.Dropout(dropout), nn.Linear(inner, dim))
+        self.proj = nn.Linear(dim_in, dim_out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.gelu(self.proj(x), approximate="tanh")
+
+
+class FeedForward(nn.Module):
+    """A feed-forward ``mult`` times wider inside: GEGLU (SD) or tanh-GELU (DiT, MMDiT)."""
+
+    def __init__(self, dim: int, mult: float = 4, dropout: float = 0.0, activation: str = "geglu"):
+        super().__init__()
+        inner = int(dim * mult)
+        if activation not in ("geglu", "gelu_tanh"):
+            raise ValueError(f"activation must be geglu or gelu_tanh, got {activation!r}")
+        act = GEGLU(dim, inner) if activation == "geglu" else GELU(dim, inner)
+        self.net = nn.Sequential(act, nn.Dropout(dropout), nn.Linear(inner, dim))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
