@@ -62,7 +62,7 @@ def step_time(mode: str, steps: int) -> dict:
     from ldm.training.finetune import apply_lora
 
     overrides = [
-        "model/unet=small",
+        "model/backbone=unet_small",
         "model/conditioner=text_small",
         "model/vae=small",
         "data.dataset.size=64",

@@ -4,7 +4,7 @@
 
     .venv/bin/python benchmarks/serve_load.py [--checkpoint CKPT] [--out serve_load.json]
 
-Without ``--checkpoint`` a tiny model (model/unet=tiny, 32 px shapes, 2 training steps:
+Without ``--checkpoint`` a tiny model (model/backbone=unet_tiny, 32 px shapes, 2 training steps:
 the speed is a trained one's, the images are not) is trained into a temporary folder.
 Run it on an otherwise idle machine.
 """

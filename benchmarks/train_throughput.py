@@ -23,8 +23,8 @@ from omegaconf import open_dict
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 SIZES = {  # preset names, batch size, image side
-    "tiny": dict(unet="tiny", vae="tiny", conditioner="text_tiny", batch=64, side=32),
-    "small": dict(unet="small", vae="small", conditioner="text_small", batch=32, side=64),
+    "tiny": dict(unet="unet_tiny", vae="tiny", conditioner="text_tiny", batch=64, side=32),
+    "small": dict(unet="unet_small", vae="small", conditioner="text_small", batch=32, side=64),
 }
 
 
@@ -32,7 +32,7 @@ def _config(size: str, task: str):
     s = SIZES[size]
     overrides = [
         f"task={task}",
-        f"model/unet={s['unet']}",
+        f"model/backbone={s['unet']}",
         f"model/vae={s['vae']}",
         f"model/conditioner={s['conditioner']}",
         f"data.dataset.size={s['side']}",

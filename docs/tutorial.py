@@ -141,7 +141,7 @@ print(adapter)
 
 # %%
 networks = pipeline.networks()
-tensors, settings = read_any(str(adapter), networks["unet"])
+tensors, settings = read_any(str(adapter), networks["denoiser"])
 load_adapter(networks, tensors, "style", settings)
 sampler = make_sampler("ddim", steps=20)
 rows = []

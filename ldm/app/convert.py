@@ -1,11 +1,14 @@
 """``python -m ldm.convert``: inspect and convert Stable Diffusion weights (conf/convert.yaml).
 
     python -m ldm.convert action=inspect src=model.safetensors
-    python -m ldm.convert action=to-diffusers src=model.safetensors out=out_dir/
+    python -m ldm.convert action=to-diffusers src=model.safetensors out=out_dir/  (or our .ckpt)
     python -m ldm.convert action=from-diffusers src=pipeline_dir/ out=model.safetensors
 
-Our modules use the original layout, so ``from-diffusers`` writes a single file that
-original-layout tools load too; the constructor configs go into its metadata.
+``to-diffusers`` takes an SD single file or one of ours (UNet, DiT or MMDiT: ``unet/`` or
+``transformer/``, and ``vae/``). Our UNet uses the original layout, so ``from-diffusers``
+writes a single file that original-layout tools load too; the constructor configs go into
+its metadata. A diffusers DiT / SD3 folder has no single-file form: every tool reads the
+folder itself (``checkpoint=<folder>``).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from omegaconf import DictConfig
 
 from ldm.app import CONFIG_PATH, reported
 from ldm.convert.stable_diffusion import (
+    DIFFUSERS_EXPORTS,
     PREFIXES,
     infer_unet_config,
     infer_vae_config,
@@ -25,6 +29,7 @@ from ldm.convert.stable_diffusion import (
     split_checkpoint,
 )
 from ldm.io import WeightsFileError, save_safetensors
+from ldm.models.unet import UNet
 from ldm.models.vae import SD_VAE_SCALE
 from ldm.pipeline import open_checkpoint
 
@@ -32,14 +37,14 @@ from ldm.pipeline import open_checkpoint
 def _inspect(path: Path) -> None:
     checkpoint = open_checkpoint(path)
     if checkpoint.format == "diffusers":
-        for name, model in (("unet", checkpoint.unet()), ("vae", checkpoint.vae())):
+        for name, model in (("denoiser", checkpoint.denoiser()), ("vae", checkpoint.vae())):
             if model is not None:
                 count = sum(p.numel() for p in model.parameters())
                 print(f"{name}: {count:,} parameters, config {json.dumps(model.config)}")
         return
     if checkpoint.format != "stable-diffusion":  # ours, or bare weights
         print(f"format: {checkpoint.format}; task: {checkpoint.task}; EMA: {checkpoint.has_ema}")
-        for part in ("unet", "conditioner", "vae"):
+        for part in ("denoiser", "conditioner", "vae"):
             weights = checkpoint.weights(part)
             if weights:
                 count = sum(v.numel() for v in weights.values())
@@ -62,13 +67,20 @@ def _inspect(path: Path) -> None:
 
 def _to_diffusers(src: Path, out: Path, vae_scale_factor: float) -> None:
     checkpoint = open_checkpoint(src)
-    if checkpoint.format != "stable-diffusion":
-        raise WeightsFileError(f"{src} is not an original Stable Diffusion checkpoint")
+    if checkpoint.format not in ("stable-diffusion", "ours"):
+        raise WeightsFileError(f"{src} is neither a Stable Diffusion single file nor ours")
+    if checkpoint.adapters:
+        raise WeightsFileError(
+            f"{src} holds LoRA adapters: bake them in first (python -m ldm.tools.merge "
+            "method=bake), or export the adapter on its own"
+        )
     vae = checkpoint.vae()
-    if vae is not None:
+    if vae is not None and checkpoint.format == "stable-diffusion":
         vae.scale_factor = vae_scale_factor
-    save_diffusers_folder(out, unet=checkpoint.unet(), vae=vae)
-    print(f"wrote {out}/unet" + (f" and {out}/vae" if vae is not None else ""))
+    denoiser = checkpoint.denoiser()
+    save_diffusers_folder(out, denoiser=denoiser, vae=vae)
+    folder = DIFFUSERS_EXPORTS[type(denoiser).__name__][0]
+    print(f"wrote {out}/{folder}" + (f" and {out}/vae" if vae is not None else ""))
     if checkpoint.weights("conditioner"):
         print("the text encoder was not converted: diffusers keeps it in transformers' layout")
 
@@ -77,7 +89,13 @@ def _from_diffusers(src: Path, out: Path) -> None:
     checkpoint = open_checkpoint(src)
     if checkpoint.format != "diffusers":
         raise WeightsFileError(f"{src} is not a diffusers folder")
-    models = {"unet": checkpoint.unet(), "vae": checkpoint.vae()}
+    denoiser = checkpoint.denoiser()
+    if not isinstance(denoiser, UNet):
+        raise WeightsFileError(
+            f"{src} holds a {type(denoiser).__name__}, which has no single-file form: give "
+            "the folder itself to sample.py / evaluate.py / train.py base="
+        )
+    models = {"unet": denoiser, "vae": checkpoint.vae()}
     tensors, metadata = {}, {}
     for name, model in models.items():
         if model is None:

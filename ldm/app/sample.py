@@ -82,7 +82,7 @@ def load_lora(pipeline: Pipeline, spec: str, name: str) -> list[str]:
     into the pipeline's networks."""
     path, weight = split_spec(spec)
     networks = pipeline.networks()
-    tensors, settings = read_any(path, networks["unet"])
+    tensors, settings = read_any(path, networks["denoiser"])
     return load_adapter(networks, tensors, name, settings, weight=weight)
 
 

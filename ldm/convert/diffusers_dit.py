@@ -60,7 +60,9 @@ def dit_to_diffusers(state_dict: Mapping[str, Tensor], config: Mapping[str, Any]
     return out
 
 
-def dit_from_diffusers(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+def dit_from_diffusers(
+    state_dict: Mapping[str, Tensor], config: Mapping[str, Any] | None = None
+) -> dict[str, Tensor]:
     """diffusers' ``DiTTransformer2DModel`` state dict in our DiT layout."""
     inverse, out, shared = {v: k for k, v in _DIT.items()}, {}, {}
     shared_inverse = {v: k for k, v in _DIT_SHARED.items()}
@@ -212,7 +214,9 @@ def mmdit_to_diffusers(state_dict: Mapping[str, Tensor], config: Mapping[str, An
     return out
 
 
-def mmdit_from_diffusers(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+def mmdit_from_diffusers(
+    state_dict: Mapping[str, Tensor], config: Mapping[str, Any] | None = None
+) -> dict[str, Tensor]:
     """diffusers' ``SD3Transformer2DModel`` state dict in our MMDiT layout (its position
     table is a fixed function of the config, rebuilt rather than loaded)."""
     outer = {v: k for k, v in _MMDIT.items()}

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from ldm.convert.diffusers_unet import unet_module_path
 from ldm.io import WeightsFileError, read_safetensors, save_safetensors
+from ldm.models.unet import UNet
 from ldm.nn.lora import adapter_settings, adapter_state_dict
 
 DIFFUSERS_METADATA = "lora_adapter_metadata"
@@ -45,7 +46,7 @@ def _alpha(settings: Mapping[str, Any], down: Tensor) -> float:
 
 
 def _unet_only(tensors: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
-    """Our tensors with ``prefix`` (e.g. ``unet.``) stripped; other parts are refused."""
+    """Our tensors with ``prefix`` (e.g. ``denoiser.``) stripped; other parts are refused."""
     if not prefix:
         return dict(tensors)
     other = sorted({k.split(".")[0] for k in tensors if not k.startswith(prefix)})
@@ -59,7 +60,7 @@ def to_diffusers(
     settings: Mapping[str, Any],
     unet_config: Mapping[str, Any],
     *,
-    prefix: str = "",  # ours: strip this first (e.g. "unet." for a LatentDiffusion's networks)
+    prefix: str = "",  # ours: strip this first ("denoiser." for a LatentDiffusion's networks)
 ) -> tuple[dict[str, Tensor], dict[str, str]]:
     """(state dict, safetensors metadata) in the diffusers / PEFT format."""
     tensors = _unet_only(tensors, prefix)
@@ -189,18 +190,29 @@ def read_adapter(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     return tensors, json.loads(meta["ldm_lora"])
 
 
-def read_any(path: str, unet: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """(tensors in our format, keyed from the networks: ``unet.{path}...``, settings) of an
-    adapter file in our, the diffusers / PEFT, or the kohya format (told apart by keys)."""
+def read_any(path: str, denoiser: nn.Module | None) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """(tensors in our format, keyed from the networks: ``denoiser.{path}...``, settings) of
+    an adapter file in our, the diffusers / PEFT, or the kohya format (told apart by keys;
+    the last two are UNet formats: ``denoiser`` names the UNet's layers)."""
     tensors, metadata = read_safetensors(path)
     if "ldm_lora" in metadata:
         info = json.loads(metadata["ldm_lora"])
-        return tensors, info.get("settings") or {}
+        # adapters from before the backbone-neutral names: "unet." -> "denoiser."
+        renamed = {re.sub(r"^unet\.", "denoiser.", k): v for k, v in tensors.items()}
+        return renamed, info.get("settings") or {}
+    foreign = any(k.startswith(KOHYA_PREFIX) for k in tensors) or any(
+        k.startswith("unet.") and ".lora_A." in k for k in tensors
+    )
+    if foreign and not isinstance(denoiser, UNet):
+        raise WeightsFileError(
+            f"{path} is a diffusers / kohya UNet LoRA; this model's denoiser is a "
+            f"{type(denoiser).__name__}: use an adapter trained on it (ldm's format)"
+        )
     if any(k.startswith(KOHYA_PREFIX) for k in tensors):
-        return {f"unet.{k}": v for k, v in from_kohya(tensors, unet).items()}, {}
-    if any(k.startswith("unet.") and ".lora_A." in k for k in tensors):
-        ours, settings = from_diffusers(tensors, metadata, unet.config)
-        return {f"unet.{k}": v for k, v in ours.items()}, settings
+        return {f"denoiser.{k}": v for k, v in from_kohya(tensors, denoiser).items()}, {}
+    if foreign:
+        ours, settings = from_diffusers(tensors, metadata, denoiser.config)
+        return {f"denoiser.{k}": v for k, v in ours.items()}, settings
     raise WeightsFileError(
         f"{path}: not a LoRA file this framework reads (ours, diffusers / PEFT 'unet.*.lora_A', "
         "or kohya 'lora_unet_*')"

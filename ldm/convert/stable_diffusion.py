@@ -3,8 +3,9 @@
 Original (CompVis) single files hold ``model.diffusion_model.*`` (UNet),
 ``first_stage_model.*`` (VAE) and ``cond_stage_model.*`` (text encoder; for SD 2.x an
 open_clip tower under ``cond_stage_model.model.*``). Our modules use the original layout,
-so those load by stripping the prefix. diffusers folders hold ``unet/`` and ``vae/``, each a
-``config.json`` and ``diffusion_pytorch_model.safetensors``; their keys are mapped.
+so those load by stripping the prefix. diffusers folders hold ``unet/`` (or, for a DiT /
+MMDiT, ``transformer/``) and ``vae/``, each a ``config.json`` and
+``diffusion_pytorch_model.safetensors``; their keys are mapped.
 """
 
 from __future__ import annotations
@@ -17,6 +18,12 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from ldm.convert.diffusers_dit import (
+    dit_config_to_diffusers,
+    dit_to_diffusers,
+    mmdit_config_to_diffusers,
+    mmdit_to_diffusers,
+)
 from ldm.convert.diffusers_unet import (
     unet_config_to_diffusers,
     unet_to_diffusers,
@@ -33,6 +40,17 @@ PREFIXES = {
     "text": "cond_stage_model.",
 }
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+# Our denoiser class -> (diffusers subfolder, diffusers class, config map, weights map).
+DIFFUSERS_EXPORTS = {
+    "UNet": ("unet", "UNet2DConditionModel", unet_config_to_diffusers, unet_to_diffusers),
+    "DiT": ("transformer", "DiTTransformer2DModel", dit_config_to_diffusers, dit_to_diffusers),
+    "MMDiT": (
+        "transformer",
+        "SD3Transformer2DModel",
+        mmdit_config_to_diffusers,
+        mmdit_to_diffusers,
+    ),
+}
 
 
 @dataclass
@@ -129,15 +147,20 @@ def weights_file(folder: Path) -> Path:
 
 
 def save_diffusers_folder(
-    out: str | Path, *, unet: nn.Module, vae: nn.Module | None = None
+    out: str | Path, *, denoiser: nn.Module, vae: nn.Module | None = None
 ) -> Path:
-    """Write ``unet/`` (and ``vae/``) in the diffusers layout: config.json + safetensors."""
+    """Write the denoiser (``unet/``; a DiT's or MMDiT's ``transformer/``) and ``vae/`` in
+    the diffusers layout: config.json + safetensors each."""
     root = Path(out)
-    unet_dir = root / "unet"
-    unet_dir.mkdir(parents=True, exist_ok=True)
-    config = {"_class_name": "UNet2DConditionModel", **unet_config_to_diffusers(unet.config)}
-    (unet_dir / "config.json").write_text(json.dumps(config, indent=2))
-    save_safetensors(unet_dir / WEIGHTS_NAME, unet_to_diffusers(unet.state_dict(), unet.config))
+    kind = type(denoiser).__name__
+    if kind not in DIFFUSERS_EXPORTS:
+        raise ValueError(f"a {kind} has no diffusers form; {sorted(DIFFUSERS_EXPORTS)} do")
+    folder, name, config_map, weights_map = DIFFUSERS_EXPORTS[kind]
+    weights = weights_map(denoiser.state_dict(), denoiser.config)  # refuses what it can't hold
+    (root / folder).mkdir(parents=True, exist_ok=True)
+    config = {"_class_name": name, **config_map(denoiser.config)}
+    (root / folder / "config.json").write_text(json.dumps(config, indent=2))
+    save_safetensors(root / folder / WEIGHTS_NAME, weights)
     if vae is not None:
         vae_dir = root / "vae"
         vae_dir.mkdir(parents=True, exist_ok=True)

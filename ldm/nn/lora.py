@@ -245,7 +245,7 @@ def lora_layers(model: nn.Module) -> dict[str, _LoRALayer]:
 def inject_from_config(networks: nn.ModuleDict, cfg: Mapping[str, Any]) -> dict[str, list[str]]:
     """Inject the adapter a ``lora`` config entry describes (conf/lora/: name, rank, alpha,
     dropout, targets, conv_rank, conv_alpha; ``text_encoder`` adds one to
-    ``networks["conditioner"]`` at ``text_targets``) into ``networks["unet"]``; returns the
+    ``networks["conditioner"]`` at ``text_targets``) into ``networks["denoiser"]``; returns the
     adapted layers per network. Settings it does not give keep LoRASettings' defaults."""
     name = cfg.get("name") or "default"
     given = {k: cfg[k] for k in LoRASettings.__dataclass_fields__ if cfg.get(k) is not None}
@@ -253,7 +253,7 @@ def inject_from_config(networks: nn.ModuleDict, cfg: Mapping[str, Any]) -> dict[
         given["targets"] = tuple(str(t) for t in given["targets"])  # not a Hydra ListConfig
     given.setdefault("alpha", given.get("rank", LoRASettings.rank))  # alpha null: = rank
     settings = LoRASettings(**given)
-    layers = {"unet": inject_lora(networks["unet"], name, settings)}
+    layers = {"denoiser": inject_lora(networks["denoiser"], name, settings)}
     if cfg.get("text_encoder"):
         if "conditioner" not in networks:
             raise ValueError("lora.text_encoder=true, but the model has no conditioner")

@@ -6,7 +6,9 @@ holds and builds its networks.
   (merges, exports);
 * an original Stable Diffusion 1.x / 2.x single file (UNet, VAE and text-tower shapes read
   from the keys);
-* a diffusers folder (a pipeline with ``unet/`` and ``vae/``, or one model's folder);
+* a diffusers folder (a pipeline with ``unet/`` or ``transformer/`` and ``vae/``, or one
+  model's folder: ``UNet2DConditionModel``, ``DiTTransformer2DModel`` or
+  ``SD3Transformer2DModel``);
 * any other tensors file (e.g. a bare VAE state dict with ``vae_config`` metadata).
 
 Networks are built from the checkpoint's own config, never by running code it names: only
@@ -26,6 +28,12 @@ from typing import Any, Literal
 import yaml
 from torch import Tensor, nn
 
+from ldm.convert.diffusers_dit import (
+    dit_config_from_diffusers,
+    dit_from_diffusers,
+    mmdit_config_from_diffusers,
+    mmdit_from_diffusers,
+)
 from ldm.convert.diffusers_unet import unet_config_from_diffusers, unet_from_diffusers
 from ldm.convert.diffusers_vae import vae_config_from_diffusers, vae_from_diffusers
 from ldm.convert.stable_diffusion import (
@@ -44,6 +52,8 @@ from ldm.io import (
     read_weights,
     sniff,
 )
+from ldm.models.dit import DiT
+from ldm.models.mmdit import MMDiT
 from ldm.models.textual_inversion import add_tokens
 from ldm.models.unet import UNet
 from ldm.models.vae import SD_VAE_SCALE, AutoencoderKL
@@ -57,6 +67,33 @@ TEXT_ENCODERS = {
     "cond_stage_model.model.": "openclip_vit_h",  # SD 2.x: OpenCLIP ViT-H/14
 }
 _BUILDABLE = ("ldm.models.", "ldm.diffusion.")  # constructors a checkpoint's config may name
+# Our checkpoints before the backbone-neutral names called the denoiser "unet".
+_LEGACY = {"networks.unet.": "networks.denoiser.", "ema.average.unet.": "ema.average.denoiser."}
+# A diffusers model folder's class -> (our class, config map, weights map).
+_DIFFUSERS_DENOISERS = {
+    "UNet2DConditionModel": (UNet, unet_config_from_diffusers, unet_from_diffusers),
+    "DiTTransformer2DModel": (DiT, dit_config_from_diffusers, dit_from_diffusers),
+    "SD3Transformer2DModel": (MMDiT, mmdit_config_from_diffusers, mmdit_from_diffusers),
+}  # each weights map: (diffusers state dict, our config) -> our state dict
+
+
+def legacy_names(tensors: Mapping[str, Any]) -> dict[str, Any]:
+    """A state dict of ours with the denoiser under its current name (older checkpoints:
+    ``networks.unet.``, ``ema.average.unet.``)."""
+    out = {}
+    for key, value in tensors.items():
+        old = next((o for o in _LEGACY if key.startswith(o)), None)
+        out[_LEGACY[old] + key[len(old) :] if old else key] = value
+    return out
+
+
+def legacy_config(config: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A training config of ours with ``model.backbone`` (older ones: ``model.unet``)."""
+    model = (config or {}).get("model") or {}
+    if "unet" in model and "backbone" not in model:
+        model["backbone"] = model.pop("unet")
+        config["task"] = {k: v for k, v in (config.get("task") or {}).items() if k != "unet"}
+    return config
 
 
 def build(spec: Mapping[str, Any]) -> Any:
@@ -123,12 +160,12 @@ class Checkpoint:
     # ------------------------------------------------------------ state dicts
 
     def weights(self, part: str, ema: bool = True) -> dict[str, Tensor]:
-        """The state dict of ``part`` (unet, conditioner or vae) in our layout: the EMA
+        """The state dict of ``part`` (denoiser, conditioner or vae) in our layout: the EMA
         copy when ``ema`` and it has one; ``{}`` when the checkpoint has no such part."""
         if self.format == "stable-diffusion":
-            return self._split.get("text" if part == "conditioner" else part, {})
+            return self._split.get({"conditioner": "text", "denoiser": "unet"}.get(part, part), {})
         if self.format == "diffusers":
-            return self._diffusers(part)[1]
+            return self._diffusers(part)[2]
         if part == "vae":
             prefixes = ["vae."] if self.format == "ours" else ["vae.", PREFIXES["vae"], ""]
         else:
@@ -140,19 +177,25 @@ class Checkpoint:
                 return found
         return {}
 
-    def _diffusers(self, part: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
-        """(our config, our state dict) of ``unet`` / ``vae`` in a diffusers folder."""
-        folder = self.path / part if (self.path / part).is_dir() else self.path
+    def _diffusers(self, part: str) -> tuple[type | None, dict[str, Any], dict[str, Tensor]]:
+        """(our class, config, state dict) of the ``denoiser`` (``unet/`` or
+        ``transformer/``) or ``vae`` of a diffusers folder; (None, {}, {}) if none."""
+        subfolders = ("unet", "transformer") if part == "denoiser" else (part,)
+        folder = next((self.path / s for s in subfolders if (self.path / s).is_dir()), self.path)
         if not (folder / "config.json").is_file():
-            return {}, {}
+            return None, {}, {}
         config = read_json(folder / "config.json")
-        tensors = read_weights(weights_file(folder))
         if part == "vae" and "latent_channels" in config:
-            return vae_config_from_diffusers(config), vae_from_diffusers(tensors)
-        if part == "unet" and "cross_attention_dim" in config:
-            ours = unet_config_from_diffusers(config)
-            return ours, unet_from_diffusers(tensors, ours)
-        return {}, {}
+            tensors = read_weights(weights_file(folder))
+            return AutoencoderKL, vae_config_from_diffusers(config), vae_from_diffusers(tensors)
+        name = config.get("_class_name")
+        if name is None and "cross_attention_dim" in config:
+            name = "UNet2DConditionModel"
+        if part != "denoiser" or name not in _DIFFUSERS_DENOISERS:
+            return None, {}, {}
+        network, config_map, weights_map = _DIFFUSERS_DENOISERS[name]
+        ours = config_map(config)
+        return network, ours, weights_map(read_weights(weights_file(folder)), ours)
 
     # ------------------------------------------------------------ networks
 
@@ -162,7 +205,7 @@ class Checkpoint:
         if not state:
             return None
         if self.format == "diffusers":
-            config = self._diffusers("vae")[0]
+            config = self._diffusers("vae")[1]
         else:
             config = self.vae_config or infer_vae_config(state)
             if self.format == "stable-diffusion" and not self.vae_config:
@@ -171,21 +214,21 @@ class Checkpoint:
         load_into(vae, state, strict=strict, what=f"VAE of {self.path}")
         return vae.eval().requires_grad_(False)
 
-    def unet(self, ema: bool = True) -> nn.Module:
-        """The denoiser (ours: with its LoRA adapters), its EMA weights when ``ema``."""
+    def denoiser(self, ema: bool = True) -> nn.Module:
+        """The denoiser backbone (ours: with its LoRA adapters), its EMA weights when
+        ``ema``."""
         if self.format == "ours":
-            networks = self._ours_networks(ema)
-            return networks["unet"]
+            return self._ours_networks(ema)["denoiser"]
         if self.format == "diffusers":
-            config, state = self._diffusers("unet")
+            network, config, state = self._diffusers("denoiser")
         else:
-            state = self.weights("unet")
-            config = infer_unet_config(state) if state else {}
+            state = self.weights("denoiser")
+            config, network = (infer_unet_config(state) if state else {}), UNet
         if not state:
-            raise WeightsFileError(f"{self.path} holds no UNet")
-        unet = UNet(**config)
-        load_into(unet, state, what=f"UNet of {self.path}")
-        return unet
+            raise WeightsFileError(f"{self.path} holds no denoiser (UNet or transformer)")
+        denoiser = network(**config)
+        load_into(denoiser, state, what=f"denoiser of {self.path}")
+        return denoiser
 
     def conditioner(self, ema: bool = True, given: nn.Module | None = None) -> nn.Module | None:
         """Ours: the conditioner it was trained with (tokens and adapters included). Other
@@ -199,13 +242,13 @@ class Checkpoint:
         return given
 
     def _ours_networks(self, ema: bool) -> dict[str, nn.Module]:
-        """Our UNet and conditioner, rebuilt as training left them (adapters, tokens)."""
+        """Our denoiser and conditioner, rebuilt as training left them (adapters, tokens)."""
         if ema in self._built:
             return self._built[ema]
         model = (self.config or {}).get("model") or {}
-        if "unet" not in model:
-            raise WeightsFileError(f"{self.path} is a {self.task} checkpoint: it has no UNet")
-        networks = nn.ModuleDict({"unet": build(model["unet"])})
+        if "backbone" not in model:
+            raise WeightsFileError(f"{self.path} is a {self.task} checkpoint: it has no denoiser")
+        networks = nn.ModuleDict({"denoiser": build(model["backbone"])})
         if model.get("conditioner") and self.weights("conditioner", ema):
             networks["conditioner"] = build(model["conditioner"])
         if self.config.get("lora"):
@@ -243,18 +286,20 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     if kind == "safetensors":
         tensors, metadata = read_safetensors(path)
         config = yaml.safe_load(metadata[CONFIG_KEY]) if CONFIG_KEY in metadata else None
+        tensors = legacy_names(tensors)
         vae_config = json.loads(metadata["vae_config"]) if "vae_config" in metadata else None
     else:
         state = read_pickle(path)
         if not isinstance(state, Mapping):
             raise WeightsFileError(f"{path} holds a {type(state).__name__}, not a checkpoint")
         raw = state.get("state_dict", state)
-        tensors = {k: v for k, v in raw.items() if isinstance(v, Tensor)}
+        tensors = legacy_names({k: v for k, v in raw.items() if isinstance(v, Tensor)})
         config = yaml.safe_load(state[CONFIG_KEY]) if state.get(CONFIG_KEY) else None
         vae_config = state.get("vae_config")
         metadata = {CONFIG_KEY: state[CONFIG_KEY]} if config is not None else {}
         if vae_config is not None:
             metadata["vae_config"] = json.dumps(vae_config)
+    config = legacy_config(config)
     ours = config is not None and any(k.startswith(("networks.", "vae.")) for k in tensors)
     if ours:
         form: Format = "ours"

@@ -29,11 +29,12 @@ Inputs = Sequence[str] | Tensor | int  # captions, class labels, or a count (unc
 
 @dataclass
 class Pipeline:
-    """Noise to images. ``unet(x_t, t, **conditioning)`` predicts ``prediction`` (eps, x0
-    or v) under ``schedule``; ``conditioner`` (None: unconditional) turns inputs into that
-    conditioning; ``vae`` (None: pixel-space diffusion) decodes its scaled latents."""
+    """Noise to images. ``denoiser(x_t, t, **conditioning)`` (a UNet, DiT or MMDiT)
+    predicts ``prediction`` (eps, x0, v, flow or edm) under ``schedule``; ``conditioner``
+    (None: unconditional) turns inputs into that conditioning; ``vae`` (None: pixel-space
+    diffusion) decodes its scaled latents."""
 
-    unet: nn.Module
+    denoiser: nn.Module
     conditioner: nn.Module | None
     vae: nn.Module | None
     schedule: Schedule
@@ -66,7 +67,7 @@ class Pipeline:
             raise ValueError(f"{checkpoint.path} does not say its noise schedule: give one")
         size = image_size or checkpoint.image_size or 512
         return cls(
-            checkpoint.unet(ema),
+            checkpoint.denoiser(ema),
             checkpoint.conditioner(ema, given=conditioner),
             vae,
             schedule,
@@ -84,7 +85,7 @@ class Pipeline:
 
     def networks(self) -> nn.ModuleDict:
         """The denoiser and the conditioner, by name: where adapters and embeddings go."""
-        parts = {"unet": self.unet, "conditioner": self.conditioner}
+        parts = {"denoiser": self.denoiser, "conditioner": self.conditioner}
         return nn.ModuleDict({k: m for k, m in parts.items() if m is not None})
 
     def modules(self) -> list[nn.Module]:
@@ -106,12 +107,12 @@ class Pipeline:
         """(C, h, w) of what the sampler integrates: latents, or pixels without a VAE."""
         height, width = self.image_size
         if self.vae is None:
-            return (self.unet.in_channels, height, width)
+            return (self.denoiser.in_channels, height, width)
         f = self.vae.downsample_factor
         return (self.vae.latent_channels, height // f, width // f)
 
     def condition(self, inputs: Sequence[str] | Tensor) -> Conditioning:
-        """The UNet's conditioning of captions or labels."""
+        """The denoiser's conditioning of captions or labels."""
         if self.conditioner is None:
             raise ValueError("this pipeline is unconditional: give a count, not captions")
         return self.conditioner(inputs)
@@ -143,13 +144,15 @@ class Pipeline:
         x_T = torch.stack(
             [torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]
         ).to(self.device)
-        model: Callable[[Tensor, Tensor], Tensor] = self.unet
+        model: Callable[[Tensor, Tensor], Tensor] = self.denoiser
+        if getattr(self.denoiser, "out_channels", shape[0]) != shape[0]:
+            model = _MeanOnly(self.denoiser, shape[0])  # a DiT's learned variance: unused
         if self.conditioner is not None and not isinstance(inputs, int):
             cond = self.condition(inputs)
             if negative is not None and len(negative) != count:
                 raise ValueError(f"{len(negative)} negative prompts for {count} samples")
             uncond = self.condition(negative) if negative else self.conditioner.empty(1)
-            model = cfg(self.unet, cond, uncond, guidance_scale, rescale=guidance_rescale)
+            model = cfg(model, cond, uncond, guidance_scale, rescale=guidance_rescale)
         options = {"callback": callback} if callback is not None else {}
         z = sampler(
             model, x_T, self.schedule, prediction=self.prediction, generator=generator, **options
@@ -159,6 +162,18 @@ class Pipeline:
         if self.vae is None:
             return z.clamp(-1, 1)
         return self.vae.decode(self.vae.unscale_latents(z)).clamp(-1, 1)
+
+
+class _MeanOnly(nn.Module):
+    """The first ``channels`` of a denoiser's output: the prediction without the variance
+    channels of a learned-sigma DiT (Nichol & Dhariwal 2021), which no sampler here uses."""
+
+    def __init__(self, denoiser: nn.Module, channels: int):
+        super().__init__()
+        self.denoiser, self.channels = denoiser, channels
+
+    def forward(self, x: Tensor, t: Tensor, **conditioning: Tensor) -> Tensor:
+        return self.denoiser(x, t, **conditioning)[:, : self.channels]
 
 
 def step_generators(

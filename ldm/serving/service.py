@@ -104,10 +104,14 @@ class ImageService:
         self.labels = getattr(pipeline.conditioner, "input_key", None) == "label"
 
     def _size_multiple(self) -> int:
-        """Image sides must be multiples of this: the VAE's factor times the UNet's."""
-        levels = len(getattr(self.pipeline.unet, "config", {}).get("channel_multipliers", [1]))
+        """Image sides must be multiples of this: the VAE's factor times the denoiser's
+        (a UNet's downsampling, a transformer's patch)."""
+        config = getattr(self.pipeline.denoiser, "config", {})
+        multiple = config.get("patch_size") or 2 ** (
+            len(config.get("channel_multipliers", [1])) - 1
+        )
         factor = self.pipeline.vae.downsample_factor if self.pipeline.vae is not None else 1
-        return factor * 2 ** (levels - 1)
+        return factor * multiple
 
     # ------------------------------------------------------------------ describing
 
@@ -216,7 +220,7 @@ class ImageService:
             name = f"serve{self._adapter_count}"
             self._adapter_count += 1  # never reused, even after a failure
             try:
-                tensors, settings = read_any(str(self.adapters_dir / file), networks["unet"])
+                tensors, settings = read_any(str(self.adapters_dir / file), networks["denoiser"])
                 load_adapter(networks, tensors, name, settings, weight=0.0)
             except Exception as err:  # a bad file must not take the server down
                 remove_adapter(networks, name)

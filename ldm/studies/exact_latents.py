@@ -102,4 +102,4 @@ def use_exact_denoiser(pipeline: Pipeline, root: str | Path) -> Pipeline:
             f"model samples {size} ({h}x{w} images): cache images of the model's size"
         )
     exact = ExactDenoiser(mixture, pipeline.schedule, pipeline.prediction)
-    return replace(pipeline, unet=exact, conditioner=groups)
+    return replace(pipeline, denoiser=exact, conditioner=groups)

@@ -100,10 +100,11 @@ def add_difference(
 
 
 def _targets(state: Mapping[str, Tensor], layer: str) -> list[str]:
-    """Where adapter layer ``unet.{path}`` / ``conditioner.{path}`` lives in a checkpoint."""
+    """Where adapter layer ``denoiser.{path}`` / ``conditioner.{path}`` lives in a
+    checkpoint."""
     part, _, path = layer.partition(".")
     candidates = [f"networks.{part}.{path}.weight", f"ema.average.{part}.{path}.weight"]
-    if part == "unet":
+    if part == "denoiser":
         candidates += [f"model.diffusion_model.{path}.weight", f"{path}.weight"]
     return [k for k in candidates if k in state]
 
@@ -138,7 +139,7 @@ def _adapter(spec: str, base: Mapping[str, Tensor]) -> tuple[dict, dict, float]:
     if not ours:  # other formats name layers by the UNet's shape: build it, on meta
         prefix = next(
             p
-            for p in ("networks.unet.", "model.diffusion_model.", "")
+            for p in ("networks.denoiser.", "model.diffusion_model.", "")
             if any(k.startswith(p + "input_blocks.0.0") for k in base)
         )
         unet_state = {k[len(prefix) :]: v for k, v in base.items() if k.startswith(prefix)}

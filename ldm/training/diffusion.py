@@ -2,9 +2,10 @@
 
 A frozen VAE maps images to latents, scaled by the VAE's ``scale_factor`` (computed from
 the training data when the VAE has none); a conditioner turns captions or labels into the
-UNet's conditioning, dropped to the empty conditioning with probability
-``cond_drop_prob`` for classifier-free guidance (Ho & Salimans 2022); the UNet learns the
-``prediction`` target of the noised latents with the configured loss weighting.
+denoiser's conditioning, dropped to the empty conditioning with probability
+``cond_drop_prob`` for classifier-free guidance (Ho & Salimans 2022); the denoiser
+backbone (a UNet, DiT or MMDiT: ``ldm.models``) learns the ``prediction`` target of the
+noised latents with the configured loss weighting.
 
 Every random draw of a training step (caption dropout, timestep, noise, latent sample)
 comes from a generator of its own for each sample, seeded by ``(seed, global_step, sample
@@ -28,6 +29,7 @@ from ldm.diffusion.objective import check_prediction, diffusion_loss, model_inpu
 from ldm.diffusion.schedules import Schedule, training_timesteps
 from ldm.models.vae import DiagonalGaussian
 from ldm.pipeline import Pipeline
+from ldm.pipeline.checkpoint import legacy_names
 from ldm.seeding import stable_seed
 from ldm.training.ema import EMA
 from ldm.training.speed import compile_network, compile_options, to_channels_last
@@ -37,12 +39,12 @@ warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 
 
 class LatentDiffusion(L.LightningModule):
-    """Trains ``unet`` (and a trainable ``conditioner``) on latents of a frozen ``vae``."""
+    """Trains ``denoiser`` (and a trainable ``conditioner``) on latents of a frozen ``vae``."""
 
     def __init__(
         self,
-        unet: nn.Module,
-        conditioner: nn.Module | None = None,  # captions / labels -> UNet kwargs; None: none
+        denoiser: nn.Module,  # UNet, DiT or MMDiT: forward(x, t, context, y, pooled)
+        conditioner: nn.Module | None = None,  # captions / labels -> denoiser kwargs; None: none
         vae: nn.Module | None = None,  # frozen; None: diffusion on the images themselves
         *,
         schedule: Schedule,
@@ -58,20 +60,26 @@ class LatentDiffusion(L.LightningModule):
         ema_decay: float | None = 0.9999,  # None: no EMA
         image_size: int | Sequence[int] = 32,  # pixels of generated images
         scale_batches: int = 8,  # batches that estimate the latent scale when unset
-        channels_last: bool = False,  # channels-last UNet weights (ldm.training.speed)
-        compile: bool | str | Mapping[str, Any] = False,  # torch.compile the training UNet
+        channels_last: bool = False,  # channels-last conv weights (ldm.training.speed)
+        compile: bool | str | Mapping[str, Any] = False,  # torch.compile the training denoiser
         seed: int = 0,
     ):
         super().__init__()
         check_prediction(prediction)
+        if (getattr(denoiser, "config", None) or {}).get("learn_sigma"):
+            raise ValueError(
+                "learn_sigma: training the variance needs the hybrid VLB loss, which ldm does "
+                "not implement; set model.denoiser.learn_sigma=false (sampling from a "
+                "pretrained learned-sigma DiT works: its mean half is used)"
+            )
         if not 0 <= cond_drop_prob <= 1:
             raise ValueError(f"cond_drop_prob must be in [0, 1], got {cond_drop_prob}")
         # Checkpoints keep plain values only (weights_only loading): no modules, no partials.
         self.save_hyperparameters(
-            ignore=["unet", "conditioner", "vae", "schedule", "optimizer", "lr_scheduler"]
+            ignore=["denoiser", "conditioner", "vae", "schedule", "optimizer", "lr_scheduler"]
         )
         self.make_optimizer, self.make_lr_scheduler = optimizer, lr_scheduler
-        self.networks = nn.ModuleDict({"unet": unet})
+        self.networks = nn.ModuleDict({"denoiser": denoiser})
         if conditioner is not None:
             self.networks["conditioner"] = conditioner
         self.vae = vae.eval().requires_grad_(False) if vae is not None else None
@@ -79,7 +87,7 @@ class LatentDiffusion(L.LightningModule):
         compile_options(compile)  # a bad value fails here, not at the first step
         self._compiled = False
         if channels_last:
-            to_channels_last(unet)
+            to_channels_last(denoiser)
         # EMA of the parts that train (a frozen text tower is not copied).
         self.ema = EMA(self._trainable(), ema_decay) if ema_decay is not None else None
         self._ema_step = -1
@@ -89,8 +97,8 @@ class LatentDiffusion(L.LightningModule):
     # ----------------------------------------------------------------- parts
 
     @property
-    def unet(self) -> nn.Module:
-        return self.networks["unet"]
+    def denoiser(self) -> nn.Module:
+        return self.networks["denoiser"]
 
     @property
     def conditioner(self) -> nn.Module | None:
@@ -167,6 +175,7 @@ class LatentDiffusion(L.LightningModule):
             checkpoint["vae_config"] = dict(self.vae.config)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"] = legacy_names(checkpoint["state_dict"])
         if self.vae is not None and "vae_config" in checkpoint:
             self.vae.scale_factor = checkpoint["vae_config"]["scale_factor"]
             self.vae.shift_factor = checkpoint["vae_config"]["shift_factor"]
@@ -180,7 +189,7 @@ class LatentDiffusion(L.LightningModule):
         networks: nn.ModuleDict | None = None,
         dropped: Tensor | None = None,
     ) -> Conditioning:
-        """UNet kwargs for the batch; ``dropped`` (B,) bool: samples that get the empty
+        """Denoiser kwargs for the batch; ``dropped`` (B,) bool: samples that get the empty
         conditioning. Cached ``context`` / ``pooled`` are used as they are."""
         conditioner = (networks or self.networks)["conditioner"] if self.conditioner else None
         if conditioner is None:
@@ -227,7 +236,7 @@ class LatentDiffusion(L.LightningModule):
         cond = self.condition(batch, networks=networks, dropped=(dropped < drop_prob).cpu())
         alpha_bar = self.schedule.alphas_cumprod_at(t).to(device)
         x_t = model_input(q_sample(x0, noise, alpha_bar), alpha_bar, hp.prediction)
-        output = networks["unet"](x_t, t.to(x0.dtype), **cond)
+        output = networks["denoiser"](x_t, t.to(x0.dtype), **cond)
         return diffusion_loss(
             output,
             x0,
@@ -259,9 +268,9 @@ class LatentDiffusion(L.LightningModule):
             self.ema.update(self._trainable())
 
     def configure_model(self) -> None:
-        """Compile the UNet that trains (once; the EMA copy samples eagerly)."""
+        """Compile the denoiser that trains (once; the EMA copy samples eagerly)."""
         if not self._compiled:
-            self._compiled = compile_network(self.unet, self.hparams.compile)
+            self._compiled = compile_network(self.denoiser, self.hparams.compile)
 
     def configure_optimizers(self) -> Any:
         if self.make_optimizer is None:
@@ -283,7 +292,7 @@ class LatentDiffusion(L.LightningModule):
         kept), this module's VAE, schedule, prediction and image size: how it generates."""
         networks = networks or self.sampling_networks()
         return Pipeline(
-            networks["unet"],
+            networks["denoiser"],
             dict(networks).get("conditioner"),
             self.vae,
             self.schedule,

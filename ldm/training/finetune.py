@@ -65,11 +65,11 @@ def _load_base(module: nn.Module, path: Path, diffusion: Mapping[str, Any] | Non
                 load_into(network, part, what=f"{name} of {path}")
                 loaded.append(name)
         return loaded
-    load_into(networks["unet"], checkpoint.weights("unet"), what=f"UNet of {path}")
+    load_into(networks["denoiser"], checkpoint.weights("denoiser"), what=f"denoiser of {path}")
     text = hasattr(module.conditioner, "load_text_state") and checkpoint.weights("conditioner")
     if text:  # the file's text tower into the run's (SD 2.x: open_clip; SD 1.x: CLIP)
         checkpoint.conditioner(given=module.conditioner)
-    return ["unet", "conditioner"] if text else ["unet"]
+    return ["denoiser", "conditioner"] if text else ["denoiser"]
 
 
 def _check_diffusion(base: Any, run: Any, path: Path) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -185,7 +186,14 @@ class PostHocEMA(L.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict:
-            self._pending = state_dict
+            averages = {
+                _LEGACY.sub(r"\1denoiser.", k): v for k, v in state_dict["averages"].items()
+            }
+            self._pending = {**state_dict, "averages": averages}
+
+
+# Snapshots and states from before the backbone-neutral names called the denoiser "unet".
+_LEGACY = re.compile(r"(^|[./])unet\.")
 
 
 def read_snapshots(folder: str | Path) -> list[tuple[int, list[float], dict[str, Tensor]]]:
@@ -199,6 +207,7 @@ def read_snapshots(folder: str | Path) -> list[tuple[int, list[float], dict[str,
     out = []
     for path in paths:
         tensors, meta = read_safetensors(path)
+        tensors = {_LEGACY.sub(r"\1denoiser.", k): v for k, v in tensors.items()}
         out.append((int(meta["step"]), json.loads(meta["gammas"]), tensors))
     return out
 
@@ -233,7 +242,7 @@ def reconstruct(
 def load_posthoc(
     networks: Mapping[str, nn.Module], folder: str | Path, sigma_rel: float, step: int | None = None
 ) -> dict[str, Any]:
-    """Put the reconstructed EMA of ``sigma_rel`` into ``networks`` (``{"unet": ...,
+    """Put the reconstructed EMA of ``sigma_rel`` into ``networks`` (``{"denoiser": ...,
     "conditioner": ...}``: the parts the snapshots hold). Returns ``reconstruct``'s ``about``."""
     weights, about = reconstruct(folder, sigma_rel, step)
     for name, network in networks.items():

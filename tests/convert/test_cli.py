@@ -77,7 +77,7 @@ def test_errors_are_one_line(tmp_path, capsys):
     save_safetensors(tmp_path / "other.safetensors", {"w": torch.zeros(1)})
     other = f"src={tmp_path}/other.safetensors"
     err = _fails(capsys, "action=to-diffusers", other, f"out={tmp_path}/o")
-    assert "not an original Stable Diffusion checkpoint" in err
+    assert "neither a Stable Diffusion single file nor ours" in err
     assert "writes to out=" in _fails(capsys, "action=to-diffusers", other)
     assert "not one of inspect" in _fails(capsys, "action=convert", other)
     assert "src is required" in _fails(capsys)

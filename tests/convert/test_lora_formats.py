@@ -105,7 +105,7 @@ def test_sample_reads_every_format(tmp_path):
     ours, _ = _adapted()
     tensors = adapter_state_dict(ours, "style")
     settings = {"rank": 4, "alpha": 8}
-    networks = torch.nn.ModuleDict({"unet": ours})
+    networks = torch.nn.ModuleDict({"denoiser": ours})
     save_adapter(networks, tmp_path / "ours.safetensors", "style")
     state, metadata = to_diffusers(tensors, settings, ours.config)
     save_file(state, str(tmp_path / "diffusers.safetensors"), metadata)
@@ -113,7 +113,7 @@ def test_sample_reads_every_format(tmp_path):
     for name in ("ours", "diffusers", "kohya"):
         read, _ = read_any(str(tmp_path / f"{name}.safetensors"), ours)
         assert {k.removesuffix(".alpha") for k in read if not k.endswith(".alpha")} == {
-            f"unet.{k}" for k in tensors
+            f"denoiser.{k}" for k in tensors
         }
     save_file({"w": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError, match="not a LoRA file"):

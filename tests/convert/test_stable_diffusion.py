@@ -68,7 +68,7 @@ def test_original_single_file_loads(tmp_path, config, kind):
     path = _original_file(tmp_path, source, kind, source_vae)
     checkpoint = open_checkpoint(path)
     assert checkpoint.format == "stable-diffusion"
-    target, target_vae = checkpoint.unet(), AutoencoderKL(**TINY_VAE)  # (its groups: 8)
+    target, target_vae = checkpoint.denoiser(), AutoencoderKL(**TINY_VAE)  # (its groups: 8)
     load_into(target_vae, checkpoint.weights("vae"))
     split = split_checkpoint(checkpoint.tensors)
     assert split.other == ["alphas_cumprod"]
@@ -128,7 +128,7 @@ def test_diffusers_folder_round_trip(tmp_path):
     diffusers = pytest.importorskip("diffusers")
     ours = UNet(**TINY_SD2).eval()
     vae = AutoencoderKL(**TINY_VAE, scale_factor=0.3).eval()
-    save_diffusers_folder(tmp_path / "pipe", unet=ours, vae=vae)
+    save_diffusers_folder(tmp_path / "pipe", denoiser=ours, vae=vae)
     theirs = diffusers.UNet2DConditionModel.from_pretrained(tmp_path / "pipe" / "unet").eval()
     x, t, context = torch.randn(1, 4, 16, 16), torch.tensor([500.0]), torch.randn(1, 3, 48)
     with torch.no_grad():
@@ -144,6 +144,6 @@ def test_diffusers_folder_round_trip(tmp_path):
         )
     assert their_vae.config.scaling_factor == 0.3
     loaded = open_checkpoint(tmp_path / "pipe")
-    for model, back in ((ours, loaded.unet()), (vae, loaded.vae())):
+    for model, back in ((ours, loaded.denoiser()), (vae, loaded.vae())):
         assert back.config == model.config
         assert all(torch.equal(back.state_dict()[k], v) for k, v in model.state_dict().items())

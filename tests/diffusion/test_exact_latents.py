@@ -94,7 +94,7 @@ def model_and_cache(tmp_path_factory):
 def test_the_exact_model_samples_its_training_latents_for_their_captions(model_and_cache):
     module, captions = model_and_cache
     assert module.conditioner.input_key == "caption"
-    mixture = module.unet.mixture
+    mixture = module.denoiser.mixture
     asked = captions[:6]
     with torch.no_grad():
         z = module.generate(asked, make_sampler("ddim", steps=50), guidance_scale=3.0,

@@ -10,7 +10,8 @@ from hydra.utils import instantiate
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 PRESETS = sorted((p.parent.name, p.stem) for p in (CONF / "model").glob("*/*.yaml"))
-LARGE = {"sd15", "sd21", "sd", "openclip_vit_h", "openclip_vit_l"}  # built on the meta device
+LARGE = {"sd15", "sd21", "sd", "openclip_vit_h", "openclip_vit_l", "mmdit_sd3_medium"}
+LARGE |= {f"dit_{size}{patch}" for size in ("b", "l", "xl") for patch in (2, 4, 8)}  # on meta
 
 
 def _build(kind, name):
@@ -24,13 +25,13 @@ def _build(kind, name):
 def test_preset_instantiates(kind, name):
     model = _build(kind, name)
     assert isinstance(model, torch.nn.Module)
-    if kind == "unet":
+    if kind == "backbone":
         assert sum(p.numel() for p in model.parameters()) > 0
 
 
 def test_sd_presets_have_the_published_sizes():
     sizes = {
-        name: sum(p.numel() for p in _build("unet", name).parameters())
+        name: sum(p.numel() for p in _build("backbone", name).parameters())
         for name in LARGE & {"sd15", "sd21"}
     }
     assert sizes == {"sd15": 859_520_964, "sd21": 865_910_724}
@@ -40,7 +41,7 @@ def test_sd_presets_have_the_published_sizes():
 
 
 def test_tiny_vae_feeds_the_tiny_unet_and_is_fast():
-    vae, unet = _build("vae", "tiny"), _build("unet", "tiny")
+    vae, unet = _build("vae", "tiny"), _build("backbone", "unet_tiny")
     x = torch.rand(8, 3, 32, 32) * 2 - 1
     recon, posterior = vae(x)  # warm-up
     assert posterior.mean.shape == (8, unet.in_channels, 8, 8)
@@ -51,7 +52,7 @@ def test_tiny_vae_feeds_the_tiny_unet_and_is_fast():
 
 
 def test_tiny_unet_forward_backward_is_fast():
-    model = _build("unet", "tiny")
+    model = _build("backbone", "unet_tiny")
     x, context = torch.randn(8, 4, 8, 8), torch.randn(8, 16, model.context_dim)
     model(x, torch.rand(8) * 999, context).square().mean().backward()  # warm-up
     start = time.perf_counter()

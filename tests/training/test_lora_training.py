@@ -54,7 +54,7 @@ def test_lora_finetuning_by_config(tmp_path):
     after_state = module.networks.state_dict()
     assert all(torch.equal(after_state[k], v) for k, v in frozen.items())
     tensors, info = read_adapter(run / "adapter.safetensors")
-    assert all(k.startswith("unet.") for k in tensors) and info["settings"]["rank"] == 8
+    assert all(k.startswith("denoiser.") for k in tensors) and info["settings"]["rank"] == 8
     assert info["trainable_parameters"] == sum(v.numel() for v in tensors.values())
     legend = json.loads((run / "samples" / "grid.json").read_text())
     assert any("without the adapters" in c for c in legend["columns"])

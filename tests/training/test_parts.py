@@ -91,7 +91,7 @@ def test_load_vae_from_every_source(tmp_path):
         {"vae_config": json.dumps(vae.config | {"scale_factor": 0.5})},
     )
     vae.scale_factor = 0.3
-    save_diffusers_folder(tmp_path / "pipe", unet=unet, vae=vae)
+    save_diffusers_folder(tmp_path / "pipe", denoiser=unet, vae=vae)
     torch.save(vae.state_dict(), tmp_path / "bare.pt")
     expected = {
         "sd.safetensors": SD_VAE_SCALE,

@@ -110,6 +110,8 @@ def test_the_callback_saves_thins_resumes_and_feeds_evaluate(tmp_path):
     saved = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert [r.get("ema") for r in saved["rows"]] == [None, 0.05, 0.1]
     pipeline = load_model(scfg)
-    unet = {k: v for k, v in weights.items() if k.startswith("unet.")}
+    unet = {k: v for k, v in weights.items() if k.startswith("denoiser.")}
     for key, value in unet.items():
-        torch.testing.assert_close(pipeline.unet.state_dict()[key.removeprefix("unet.")], value)
+        torch.testing.assert_close(
+            pipeline.denoiser.state_dict()[key.removeprefix("denoiser.")], value
+        )

@@ -212,12 +212,12 @@ def test_merging(tmp_path, base):
     # Baking an adapter in gives what running with the adapter gives.
     module = load_model(_sample_cfg(a))
     networks = module.networks()
-    inject_lora(networks["unet"], "style", targets="attn", rank=4, alpha=8)
+    inject_lora(networks["denoiser"], "style", targets="attn", rank=4, alpha=8)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in adapter_parameters(networks):
             p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    networks.lora_settings = {"style": networks["unet"].lora_settings["style"]}
+    networks.lora_settings = {"style": networks["denoiser"].lora_settings["style"]}
     save_adapter(networks, tmp_path / "style.safetensors", "style")
     baked = merge(
         "bake",
@@ -229,15 +229,18 @@ def test_merging(tmp_path, base):
     plain = load_model(_sample_cfg(baked))
     x, t, context = torch.randn(2, 4, 4, 4), torch.tensor([5.0, 500.0]), torch.randn(2, 16, 32)
     with torch.no_grad():
-        want = networks["unet"](x, t, context)
-        got = plain.unet(x, t, context)
+        want = networks["denoiser"](x, t, context)
+        got = plain.denoiser(x, t, context)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
     # Different architectures are refused, naming what differs.
     small = tmp_path / "small"
     train(
         compose_train(
-            small, "trainer.max_steps=1", "model.unet.model_channels=8", "model.unet.head_dim=8"
+            small,
+            "trainer.max_steps=1",
+            "model.backbone.model_channels=8",
+            "model.backbone.head_dim=8",
         ),
         small,
     )
@@ -310,7 +313,7 @@ def test_lora_with_textual_inversion_trains_both(tmp_path, base):
 
 def test_merging_refuses_lora_checkpoints(tmp_path, base):
     state, carried = read_checkpoint(base)
-    lora = {**state, "networks.unet.out.2.lora.default.down.weight": torch.zeros(4, 16)}
+    lora = {**state, "networks.denoiser.out.2.lora.default.down.weight": torch.zeros(4, 16)}
     save_safetensors(tmp_path / "lora.safetensors", lora, carried)
     with pytest.raises(ValueError, match=r"holds LoRA adapters.*method=bake"):
         merge("weighted", [base, tmp_path / "lora.safetensors"], tmp_path / "out.safetensors")

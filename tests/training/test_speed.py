@@ -40,8 +40,10 @@ def test_channels_last_training_and_a_scheduled_vae_stage(tmp_path):
         "task.channels_last=true",
     )
     module = train(cfg, ldm_run).lightning_module
-    assert module.unet.input_blocks[0][0].weight.is_contiguous(memory_format=torch.channels_last)
-    assert torch.isfinite(module.unet.out[2].weight).all()
+    assert module.denoiser.input_blocks[0][0].weight.is_contiguous(
+        memory_format=torch.channels_last
+    )
+    assert torch.isfinite(module.denoiser.out[2].weight).all()
 
 
 def test_token_positions_change_the_output_not_the_parameters():
