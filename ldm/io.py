@@ -53,12 +53,13 @@ def sniff(path: str | Path) -> Format:
     folder with ``model_index.json`` or ``config.json``)."""
     path = Path(path)
     if path.is_dir():
-        configs = ["model_index.json", "config.json", "unet/config.json", "vae/config.json"]
+        configs = ["model_index.json", "config.json"]
+        configs += [f"{part}/config.json" for part in ("unet", "transformer", "vae")]
         if any((path / name).is_file() for name in configs):
             return "diffusers"
         raise WeightsFileError(
-            f"{path} is a folder without model_index.json, config.json, unet/config.json or "
-            "vae/config.json: not a diffusers pipeline or model folder"
+            f"{path} is a folder without {', '.join(configs)}: not a diffusers pipeline or "
+            "model folder"
         )
     if not path.is_file():
         raise WeightsFileError(f"no weights file at {path}")

@@ -256,8 +256,11 @@ def mmdit_config_from_diffusers(config: Mapping[str, Any]) -> dict[str, Any]:
 
 def mmdit_config_to_diffusers(config: Mapping[str, Any]) -> dict[str, Any]:
     """diffusers' ``SD3Transformer2DModel`` config for our MMDiT."""
-    if config.get("mlp_ratio", 4.0) != 4.0:
-        raise WeightsFileError("diffusers' SD3Transformer2DModel has a 4x MLP only")
+    if config.get("mlp_ratio", 4.0) != 4.0 or config.get("pooled_dim") is None:
+        raise WeightsFileError(
+            "diffusers' SD3Transformer2DModel has a 4x MLP and a pooled text vector: this "
+            f"MMDiT's mlp_ratio={config.get('mlp_ratio')}, pooled_dim={config.get('pooled_dim')}"
+        )
     heads = config["num_heads"]
     return {
         "_class_name": "SD3Transformer2DModel",

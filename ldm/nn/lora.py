@@ -24,22 +24,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.stateless import _reparametrize_module
 
-# Name patterns (fnmatch, on a module's dotted path) of the layer presets, for our UNet and
-# text encoders: attention projections, plus the feed-forward, or every Linear.
+# Name patterns (fnmatch, on a module's dotted path) of the layer presets, for every
+# denoiser backbone (UNet, DiT, MMDiT: its text stream's projections too) and the text
+# encoders: attention projections, plus the feed-forward, or every Linear.
+_ATTN = ("*.to_q", "*.to_k", "*.to_v", "*.to_out.0", "*.to_qkv", "*.attn.out_proj")
+_ATTN += ("*.add_q_proj", "*.add_k_proj", "*.add_v_proj", "*.to_add_out")
+_FF = ("*.ff.net.0.proj", "*.ff.net.2", "*.ff_context.net.0.proj", "*.ff_context.net.2")
 PRESETS = {
-    "attn": ("*.to_q", "*.to_k", "*.to_v", "*.to_out.0", "*.to_qkv", "*.attn.out_proj"),
-    "attn+ff": (
-        "*.to_q",
-        "*.to_k",
-        "*.to_v",
-        "*.to_out.0",
-        "*.to_qkv",
-        "*.attn.out_proj",
-        "*.ff.net.0.proj",
-        "*.ff.net.2",
-        "*.mlp.c_fc",
-        "*.mlp.c_proj",
-    ),
+    "attn": _ATTN,
+    "attn+ff": (*_ATTN, *_FF, "*.mlp.c_fc", "*.mlp.c_proj"),
     "all-linear": ("*",),
 }
 
