@@ -18,6 +18,7 @@ from ldm.app.sample import load_model, use_posthoc_ema
 from ldm.metrics.attributes import headline
 from ldm.metrics.results import markdown_table, summarize, write_results
 from ldm.metrics.sweep import GridPoint, build_evaluator, grid_points
+from ldm.pipeline import open_checkpoint
 
 
 def evaluate(cfg: DictConfig, out_dir: str | Path) -> list[dict[str, Any]]:
@@ -25,7 +26,8 @@ def evaluate(cfg: DictConfig, out_dir: str | Path) -> list[dict[str, Any]]:
     fid_vs_nfe.png into ``out_dir``. Returns the per-run rows."""
     fabric = L.Fabric(**cfg.fabric)
     fabric.launch()
-    pipeline = load_model(cfg).to(fabric.device)
+    checkpoint = open_checkpoint(cfg.checkpoint)
+    pipeline = load_model(cfg, checkpoint).to(fabric.device)
     evaluator, reference = build_evaluator(
         instantiate(cfg.data),
         cfg.split,
@@ -57,7 +59,9 @@ def evaluate(cfg: DictConfig, out_dir: str | Path) -> list[dict[str, Any]]:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         (Path(out_dir) / "provenance.json").write_text(json.dumps(reference, indent=2, default=str))
     meta = OmegaConf.to_container(cfg, resolve=True) | {"world_size": fabric.world_size}
-    rows = previous_runs(out_dir, meta) if cfg.get("resume", True) else []
+    # Our checkpoints carry their own diffusion settings: the config's are not used.
+    unused = {"diffusion"} if checkpoint.format == "ours" else set()
+    rows = previous_runs(out_dir, meta, unused) if cfg.get("resume", True) else []
     done = {(GridPoint.from_row(row).key, row["repeat"]) for row in rows}
     if rows and fabric.global_rank == 0:
         print(f"resuming: {len(rows)} runs already in {out_dir}/results.json", flush=True)
@@ -100,16 +104,19 @@ def _weights(pipeline: Any) -> dict[str, dict[str, Any]]:
 _FREE_KEYS = {"grid", "repeats", "resume", "fabric", "world_size", "device", "batch_size"}
 
 
-def previous_runs(out_dir: str | Path, meta: dict[str, Any]) -> list[dict[str, Any]]:
+def previous_runs(
+    out_dir: str | Path, meta: dict[str, Any], unused: set[str] = frozenset()
+) -> list[dict[str, Any]]:
     """The runs an earlier evaluation left in ``out_dir/results.json``, when its settings
-    match ``meta`` (every sample's noise follows from the seed, so they are the runs this one
-    would make); none when there is no such file. Refuses a file made with other settings."""
+    (but the ``unused`` ones) match ``meta`` (every sample's noise follows from the seed, so
+    they are the runs this one would make); none when there is no such file. Refuses a file
+    made with other settings."""
     path = Path(out_dir) / "results.json"
     if not path.is_file():
         return []
     saved = json.loads(path.read_text())
     old, new = saved.get("meta", {}), json.loads(json.dumps(meta, default=str))
-    keys = (old.keys() | new.keys()) - _FREE_KEYS
+    keys = (old.keys() | new.keys()) - _FREE_KEYS - unused
     differ = sorted(k for k in keys if old.get(k) != new.get(k))
     if differ:
         raise ValueError(

@@ -34,10 +34,12 @@ from ldm.pipeline import Checkpoint, Pipeline, open_checkpoint, step_generators
 log = logging.getLogger(__name__)
 
 
-def load_model(cfg: DictConfig) -> Pipeline:
-    """The pipeline of the model ``cfg.checkpoint`` names (with ``cfg.adapters`` and
-    ``cfg.embeddings``), on ``cfg.device``, in eval mode."""
-    checkpoint = open_checkpoint(cfg.checkpoint)
+def load_model(cfg: DictConfig, checkpoint: Checkpoint | None = None) -> Pipeline:
+    """The pipeline of the model ``cfg.checkpoint`` names (or of ``checkpoint``, opened
+    already), with ``cfg.adapters`` and ``cfg.embeddings``, on ``cfg.device``, in eval
+    mode. Our checkpoints bring their schedule and conditioner: ``cfg.diffusion`` and
+    ``cfg.model`` are for the other formats."""
+    checkpoint = checkpoint or open_checkpoint(cfg.checkpoint)
     given = {}
     if checkpoint.format != "ours":
         given = dict(

@@ -243,6 +243,9 @@ def test_an_interrupted_sweep_resumes_where_it_stopped(checkpoint, tmp_path):
     assert len(saved["runs"]) == 4 and len(saved["rows"]) == 2
     with pytest.raises(ValueError, match="other settings \\(seed\\)"):
         evaluate(_compose(*settings, "grid.steps=[2,3]", "seed=1"), tmp_path / "out")
+    # our checkpoint brings its own schedule: the config's diffusion settings are not used
+    again = evaluate(_compose(*settings, "grid.steps=[2]", "diffusion=flow"), tmp_path / "out")
+    assert len(again) == 4
     fresh = evaluate(
         _compose(*settings, "grid.steps=[2]", "seed=1", "resume=false"), tmp_path / "out"
     )
