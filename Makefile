@@ -4,7 +4,7 @@ PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?= -n 2 --dist loadgroup
 
-.PHONY: quickstart benchmark-shapes study ddim-study ddim-tables test lint format clean
+.PHONY: quickstart benchmark-shapes study ddim-study ddim-tables backbones test lint format clean
 
 $(STAMP): pyproject.toml
 	test -x $(PYTHON) || python3 -m venv $(VENV)
@@ -83,6 +83,26 @@ ddim-tables:  ## the tables and plots of the DDIM study so far (mean ± sd over 
 		$(PYTHON) -m ldm.tools.tables "runs=[$$runs]" 'metrics=[fid,attr_joint,attr_shape]' \
 			'paired=[0,1]' out=$(DDIM)/$$model-g$$g.png; \
 	done; done
+
+BACKBONES := $(or $(LDM_OUTPUT_DIR),outputs)/backbones
+BACKBONE_RUN := experiment=shapes_ldm data=latents data.dataset.root=$(BENCH)/latents \
+	data.dataset.in_memory=true diffusion=flow diffusion.prediction=flow
+
+backbones: $(STAMP)  ## UNet vs DiT vs MMDiT at equal training FLOPs on shapes (~45 min; docs/models.md)
+	test -f $(BENCH)/ldm/checkpoints/last.ckpt || $(MAKE) benchmark-shapes
+	test -f $(BENCH)/latents/train/cache.json || $(PYTHON) -m ldm.data.latents \
+		vae=$(BENCH)/vae/checkpoints/last.ckpt out=$(BENCH)/latents data=shapes 'splits=[train]'
+	$(PYTHON) benchmarks/backbone_flops.py --budget-steps 2000 --json $(BACKBONES)/flops.json
+	for bb in unet_shapes dit_shapes mmdit_shapes; do \
+		steps=$$($(PYTHON) -c "import json; print(next(r['equal_compute_steps'] for r in \
+			json.load(open('$(BACKBONES)/flops.json')) if r['backbone'] == '$$bb'))"); \
+		test -f $(BACKBONES)/$$bb/checkpoints/last.ckpt || $(PYTHON) train.py $(BACKBONE_RUN) \
+			model/backbone=$$bb trainer.max_steps=$$steps callbacks.samples.every_n_steps=$$steps \
+			name=backbones/$$bb || exit 1; \
+		$(PYTHON) evaluate.py checkpoint=$(BACKBONES)/$$bb/checkpoints/last.ckpt num_samples=1000 \
+			reference_count=1000 cache_dir=$(BENCH)/reference_stats 'grid.steps=[10,50]' bootstrap=200 \
+			'grid.samplers=[{name:flow_euler,spacing:linspace}]' hydra.run.dir=$(BACKBONES)/eval-$$bb || exit 1; \
+	done
 
 test: $(STAMP) lint  ## lint, then the whole test suite
 	$(PYTHON) -m pytest $(PYTEST_ARGS)

@@ -113,6 +113,7 @@ def main() -> None:
             f"{r['seconds_per_step']:.3f} | {r.get('equal_compute_steps', '')} |"
         )
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(rows, indent=2))
 
 

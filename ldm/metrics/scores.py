@@ -219,15 +219,31 @@ def bootstrap_fid(
     generator = torch.Generator().manual_seed(seed)
     fake = fake.double()
     estimate = float(frechet_distance(mu_real, sigma_real, fake.mean(0), torch.cov(fake.T)))
-    values = []
+    mu_real, sigma_real = mu_real.double(), sigma_real.double()
+    # tr sqrt(S_r S_f) = the nuclear norm of X S_r^(1/2) / sqrt(n - 1), X the centred
+    # features: a symmetric (n, n) eigenproblem per resample instead of a general (d, d) one.
+    values, root = [], _psd_sqrt(sigma_real)
+    n = len(fake)
     for _ in range(resamples):
-        chosen = fake[torch.randint(len(fake), (len(fake),), generator=generator).to(fake.device)]
-        values.append(
-            float(frechet_distance(mu_real, sigma_real, chosen.mean(0), torch.cov(chosen.T)))
-        )
+        chosen = fake[torch.randint(n, (n,), generator=generator).to(fake.device)]
+        mean = chosen.mean(0)
+        centred = chosen - mean
+        projected = centred @ root  # (n, d); its singular values via the (n, n) Gram matrix
+        gram = projected @ projected.T
+        root_trace = torch.linalg.eigvalsh(gram).clamp(min=0).sqrt().sum() / (n - 1) ** 0.5
+        trace_fake = centred.square().sum() / (n - 1)
+        distance = (mu_real - mean).square().sum() + sigma_real.trace() + trace_fake
+        values.append(float(distance - 2 * root_trace))
     quantiles = torch.tensor([0.025, 0.975], dtype=torch.float64)
     low, high = torch.tensor(values, dtype=torch.float64).quantile(quantiles).tolist()
     return 2 * estimate - high, 2 * estimate - low
+
+
+def _psd_sqrt(matrix: Tensor) -> Tensor:
+    """The symmetric square root of a positive semi-definite matrix (negative rounding in
+    its eigenvalues clamped to zero)."""
+    values, vectors = torch.linalg.eigh(matrix)
+    return (vectors * values.clamp(min=0).sqrt()) @ vectors.T
 
 
 def wilson_interval(successes: float, n: float, z: float = 1.959964) -> tuple[float, float]:

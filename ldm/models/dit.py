@@ -64,7 +64,7 @@ class Patches(nn.Module):
         self.patch_size, self.dim = patch_size, dim
         self.base_size, self.max_size = sample_size // patch_size, max_size
         self.proj = nn.Conv2d(in_channels, dim, patch_size, stride=patch_size)
-        self._positions: dict[tuple[int, int], Tensor] = {}
+        self._positions: dict[tuple, Tensor] = {}  # by grid, device and dtype
 
     def grid(self, x: Tensor) -> tuple[int, int]:
         h, w = x.shape[-2:]
@@ -76,10 +76,12 @@ class Patches(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """(B, C, H, W) -> (B, H/p * W/p, dim) tokens, positions added."""
         grid = self.grid(x)
-        if grid not in self._positions:
-            self._positions[grid] = patch_positions(*grid, self.dim, self.base_size, self.max_size)
         tokens = rearrange(self.proj(x), "b c h w -> b (h w) c")
-        return tokens + self._positions[grid].to(tokens)
+        key = (grid, tokens.device, tokens.dtype)
+        if key not in self._positions:
+            table = patch_positions(*grid, self.dim, self.base_size, self.max_size)
+            self._positions[key] = table.to(tokens)
+        return tokens + self._positions[key]
 
     def unpatchify(self, tokens: Tensor, grid: tuple[int, int]) -> Tensor:
         """(B, h * w, p * p * C) -> (B, C, h * p, w * p)."""

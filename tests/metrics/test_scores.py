@@ -215,6 +215,32 @@ def test_bootstrap_interval_holds_fid_and_shrinks_with_n():
     assert interval(800) < interval(100)
 
 
+@pytest.mark.parametrize("n", [30, 200])  # fewer samples than features (rank-deficient), more
+def test_bootstrap_resamples_score_exactly_their_frechet_distance(n):
+    """The bootstrap's SVD shortcut for tr sqrt(S_r S_f) against frechet_distance."""
+    from ldm.metrics.scores import bootstrap_fid, frechet_distance
+
+    g = torch.Generator().manual_seed(0)
+    real = torch.randn(300, 64, generator=g, dtype=torch.float64) @ torch.randn(
+        64, 64, generator=g, dtype=torch.float64
+    )
+    mu, sigma = real.mean(0), torch.cov(real.T)
+    fake = (torch.randn(n, 64, generator=g, dtype=torch.float64) * 1.3 + 0.2) @ torch.randn(
+        64, 64, generator=g, dtype=torch.float64
+    )
+    draws = torch.Generator().manual_seed(7)
+    values = []
+    for _ in range(20):  # the resamples bootstrap_fid(seed=7) draws
+        chosen = fake[torch.randint(n, (n,), generator=draws)]
+        values.append(float(frechet_distance(mu, sigma, chosen.mean(0), torch.cov(chosen.T))))
+    estimate = float(frechet_distance(mu, sigma, fake.mean(0), torch.cov(fake.T)))
+    quantiles = torch.tensor([0.025, 0.975], dtype=torch.float64)
+    low, high = torch.tensor(values, dtype=torch.float64).quantile(quantiles)
+    want = (2 * estimate - float(high), 2 * estimate - float(low))
+    # (the general eigenproblem of frechet_distance is itself good to ~1e-7 here)
+    assert bootstrap_fid(mu, sigma, fake, 20, seed=7) == pytest.approx(want, rel=1e-6)
+
+
 def test_wilson_interval():
     from ldm.metrics.scores import wilson_interval
 

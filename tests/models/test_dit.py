@@ -205,3 +205,21 @@ def test_published_configurations_have_diffusers_parameter_counts():
     assert round(ours / 1e6) == 675
     assert parameter_count(sd3_ours) == parameter_count(sd3_theirs)
     assert round(parameter_count(sd3_ours) / 1e9, 1) == 2.0
+
+
+def test_a_learned_sigma_dit_samples_with_its_mean_and_does_not_train():
+    from ldm.diffusion.samplers import make_sampler
+    from ldm.diffusion.schedules import make_schedule
+    from ldm.models.conditioners import ClassEmbedder
+    from ldm.pipeline import Pipeline
+    from ldm.training.diffusion import LatentDiffusion
+
+    dit = randomize(DiT(in_channels=3, hidden_size=32, depth=1, num_heads=2, num_classes=11,
+                        learn_sigma=True, sample_size=8))  # fmt: skip
+    assert dit.out_channels == 6
+    pipeline = Pipeline(dit, ClassEmbedder(10, dim=None), None, make_schedule("linear"),
+                        image_size=(8, 8))  # fmt: skip
+    images = pipeline.generate(torch.tensor([1, 2]), make_sampler("ddim", steps=2))
+    assert images.shape == (2, 3, 8, 8)
+    with pytest.raises(ValueError, match="learn_sigma"):
+        LatentDiffusion(dit, schedule=make_schedule("linear"))
