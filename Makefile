@@ -88,7 +88,7 @@ BACKBONES := $(or $(LDM_OUTPUT_DIR),outputs)/backbones
 BACKBONE_RUN := experiment=shapes_ldm data=latents data.dataset.root=$(BENCH)/latents \
 	data.dataset.in_memory=true diffusion=flow diffusion.prediction=flow
 
-backbones: $(STAMP)  ## UNet vs DiT vs MMDiT at equal training FLOPs on shapes (~45 min; docs/models.md)
+backbones: $(STAMP)  ## UNet vs DiT vs MMDiT at equal training FLOPs on shapes (~1 h; docs/models.md)
 	test -f $(BENCH)/ldm/checkpoints/last.ckpt || $(MAKE) benchmark-shapes
 	test -f $(BENCH)/latents/train/cache.json || $(PYTHON) -m ldm.data.latents \
 		vae=$(BENCH)/vae/checkpoints/last.ckpt out=$(BENCH)/latents data=shapes 'splits=[train]'
