@@ -1,1 +1,1 @@
-"""Networks: VAE, UNet, conditioners, discriminator."""
+"""Networks: VAE, denoiser backbones (UNet, DiT, MMDiT), conditioners, discriminator."""

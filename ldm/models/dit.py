@@ -14,11 +14,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from einops import rearrange
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
+from ldm.models.denoiser import check_conditioning, run_block
 from ldm.nn.attention import CrossAttention, FeedForward
 from ldm.nn.embeddings import patch_positions, timestep_embedding
 
@@ -192,7 +191,7 @@ class DiT(nn.Module):
 
     def conditioning(self, t: Tensor, y: Tensor | None, pooled: Tensor | None) -> Tensor:
         """The (B, hidden) vector every block is modulated by."""
-        check_inputs(self, y, pooled)
+        check_conditioning(self, y, pooled)
         c = self.time_embed(t)
         if y is not None:
             c = c + self.label_emb(y)
@@ -221,28 +220,10 @@ class DiT(nn.Module):
         c = self.conditioning(t, y, pooled).to(x.dtype)
         h = self.patches(x)
         for block in self.blocks:
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                h = checkpoint(block, h, c, context, use_reentrant=False)
-            else:
-                h = block(h, c, context)
+            h = run_block(self, block, h, c, context)
         shift, scale = self.final_modulation(c).chunk(2, dim=1)
         h = self.proj_out(modulate(self.norm_out(h), shift, scale))
         return self.patches.unpatchify(h, grid)
-
-
-def check_inputs(model: nn.Module, y: Tensor | None, pooled: Tensor | None) -> None:
-    """Class labels and pooled vectors exactly when the model was built for them."""
-    name = type(model).__name__
-    if (y is None) != (getattr(model, "num_classes", None) is None):
-        raise ValueError(
-            f"class labels y are required exactly when the {name} has num_classes "
-            f"(num_classes={getattr(model, 'num_classes', None)}, y given: {y is not None})"
-        )
-    if (pooled is None) != (model.pooled_dim is None):
-        raise ValueError(
-            f"a pooled vector is required exactly when the {name} has pooled_dim "
-            f"(pooled_dim={model.pooled_dim}, pooled given: {pooled is not None})"
-        )
 
 
 def dit_preset(name: str, **overrides: object) -> DiT:

@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
-from ldm.models.dit import Patches, TimestepMLP, check_inputs, modulate
+from ldm.models.denoiser import check_conditioning, run_block
+from ldm.models.dit import Patches, TimestepMLP, modulate
 from ldm.nn.attention import FeedForward
 
 
@@ -160,7 +160,7 @@ class MMDiT(nn.Module):
         text tokens (required); ``pooled`` (B, pooled_dim) vectors."""
         if context is None:
             raise ValueError("an MMDiT attends jointly to text tokens: context is required")
-        check_inputs(self, y, pooled)
+        check_conditioning(self, y, pooled)
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         grid = self.patches.grid(x)
@@ -170,10 +170,7 @@ class MMDiT(nn.Module):
         emb = emb.to(x.dtype)
         h, c = self.patches(x), self.context_embedder(context.to(x.dtype))
         for block in self.blocks:
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                h, c = checkpoint(block, h, c, emb, use_reentrant=False)
-            else:
-                h, c = block(h, c, emb)
+            h, c = run_block(self, block, h, c, emb)
         scale, shift = self.final_modulation(emb).chunk(2, dim=1)  # SD3: scale first
         h = self.proj_out(modulate(self.norm_out(h), shift, scale))
         return self.patches.unpatchify(h, grid)

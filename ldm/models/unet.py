@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
+from ldm.models.denoiser import check_conditioning, run_block
 from ldm.nn.attention import SpatialTransformer
 from ldm.nn.embeddings import timestep_embedding
 from ldm.nn.resnet import Downsample, GroupNorm32, ResBlock, Upsample
@@ -146,11 +146,6 @@ class UNet(nn.Module):
             GroupNorm32(norm_groups, ch), nn.SiLU(), nn.Conv2d(ch, out_channels, 3, padding=1)
         )
 
-    def _run(self, stage: _Stage, h: Tensor, emb: Tensor, context: Tensor | None) -> Tensor:
-        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(stage, h, emb, context, use_reentrant=False)
-        return stage(h, emb, context)
-
     def forward(
         self,
         x: Tensor,
@@ -161,16 +156,7 @@ class UNet(nn.Module):
     ) -> Tensor:
         """``x`` (B, C, H, W); ``t`` (B,) real-valued timesteps; ``context`` (B, N, D)
         tokens; ``y`` (B,) class labels; ``pooled`` (B, pooled_dim) vectors."""
-        if (y is None) != (self.num_classes is None):
-            raise ValueError(
-                "class labels y are required exactly when the UNet has num_classes "
-                f"(num_classes={self.num_classes}, y given: {y is not None})"
-            )
-        if (pooled is None) != (self.pooled_dim is None):
-            raise ValueError(
-                "a pooled vector is required exactly when the UNet has pooled_dim "
-                f"(pooled_dim={self.pooled_dim}, pooled given: {pooled is not None})"
-            )
+        check_conditioning(self, y, pooled)
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         emb = self.time_embed(timestep_embedding(t, self.model_channels).to(x.dtype))
@@ -180,11 +166,11 @@ class UNet(nn.Module):
             emb = emb + self.pooled_emb(pooled.to(emb.dtype))
         h, hs = x, []
         for stage in self.input_blocks:
-            h = self._run(stage, h, emb, context)
+            h = run_block(self, stage, h, emb, context)
             hs.append(h)
-        h = self._run(self.middle_block, h, emb, context)
+        h = run_block(self, self.middle_block, h, emb, context)
         for stage in self.output_blocks:
-            h = self._run(stage, torch.cat([h, hs.pop()], dim=1), emb, context)
+            h = run_block(self, stage, torch.cat([h, hs.pop()], dim=1), emb, context)
         return self.out(h)
 
 

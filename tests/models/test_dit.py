@@ -223,3 +223,19 @@ def test_a_learned_sigma_dit_samples_with_its_mean_and_does_not_train():
     assert images.shape == (2, 3, 8, 8)
     with pytest.raises(ValueError, match="learn_sigma"):
         LatentDiffusion(dit, schedule=make_schedule("linear"))
+
+
+@pytest.mark.parametrize("kind", [DiT, MMDiT])
+def test_gradient_checkpointing_gives_the_same_gradients(kind):
+    model = randomize(kind(hidden_size=32, depth=2, num_heads=2, context_dim=8, pooled_dim=6))
+    g = torch.Generator().manual_seed(3)
+    x, context = torch.randn(2, model.in_channels, 4, 4, generator=g), torch.randn(2, 3, 8)
+    pooled, t = torch.randn(2, 6, generator=g), torch.tensor([3.0, 700.0])
+    grads = []
+    for on in (False, True):
+        model.zero_grad()
+        model.gradient_checkpointing = on
+        model(x, t, context, pooled=pooled).square().sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b)
