@@ -92,7 +92,9 @@ def legacy_config(config: dict[str, Any] | None) -> dict[str, Any] | None:
     model = (config or {}).get("model") or {}
     if "unet" in model and "backbone" not in model:
         model["backbone"] = model.pop("unet")
-        config["task"] = {k: v for k, v in (config.get("task") or {}).items() if k != "unet"}
+        task = config.get("task") or {}
+        if "unet" in task:
+            task["denoiser"] = task.pop("unet")
     return config
 
 

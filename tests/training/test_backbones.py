@@ -153,7 +153,9 @@ def test_checkpoints_from_before_the_backbone_names_load_and_resume(tmp_path):
     legacy = tmp_path / "legacy.ckpt"
     torch.save({**state, "state_dict": old, CONFIG_KEY: yaml.safe_dump(config)}, legacy)
     want = open_checkpoint(run / "checkpoints" / "last.ckpt").denoiser().state_dict()
-    got = open_checkpoint(legacy).denoiser().state_dict()
+    opened = open_checkpoint(legacy)
+    assert "backbone" in opened.config["model"] and "denoiser" in opened.config["task"]
+    got = opened.denoiser().state_dict()
     assert all(torch.equal(got[k], v) for k, v in want.items()) and got.keys() == want.keys()
     resumed = tmp_path / "resumed"
     trainer = train(compose_train(resumed, "trainer.max_steps=3", f"resume={legacy}"), resumed)
