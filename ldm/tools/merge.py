@@ -138,10 +138,18 @@ def _adapter(spec: str, base: Mapping[str, Tensor]) -> tuple[dict, dict, float]:
     unet = None
     if not ours:  # other formats name layers by the UNet's shape: build it, on meta
         prefix = next(
-            p
-            for p in ("networks.denoiser.", "model.diffusion_model.", "")
-            if any(k.startswith(p + "input_blocks.0.0") for k in base)
+            (
+                p
+                for p in ("networks.denoiser.", "model.diffusion_model.", "")
+                if any(k.startswith(p + "input_blocks.0.0") for k in base)
+            ),
+            None,
         )
+        if prefix is None:
+            raise ValueError(
+                f"{path} is a diffusers / kohya UNet LoRA, and the base checkpoint has no "
+                "UNet: bake adapters of a DiT or MMDiT in ldm's format"
+            )
         unet_state = {k[len(prefix) :]: v for k, v in base.items() if k.startswith(prefix)}
         with torch.device("meta"):
             unet = UNet(**infer_unet_config(unet_state))
