@@ -37,8 +37,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 # model -> (network, preset, batch, side of the input: latents for the UNet, pixels for the VAE)
 MODELS = {
-    "unet-tiny": ("unet", "tiny", 8, 8),
-    "unet-small": ("unet", "small", 8, 16),
+    "unet-tiny": ("unet", "unet_tiny", 8, 8),
+    "unet-small": ("unet", "unet_small", 8, 16),
     "vae-tiny": ("vae", "tiny", 8, 32),
     "vae-small": ("vae", "small", 8, 64),
 }
@@ -81,7 +81,7 @@ def _build(model: str, variant: str) -> tuple[torch.nn.Module, Callable[[], None
         from ldm.convert.diffusers_unet import unet_config_to_diffusers, unet_to_diffusers
         from ldm.models.unet import UNet
 
-        source = UNet(**_preset("unet", preset))
+        source = UNet(**_preset("backbone", preset))
         x = torch.randn(batch, 4, side, side)
         t = torch.rand(batch) * 999
         context = torch.randn(batch, 16, source.context_dim)
