@@ -31,6 +31,28 @@ DIT_PRESETS = {
 TIME_CHANNELS = 256  # sinusoidal timestep features before the MLP (DiT, SD3)
 
 
+def adaln_zero_init(
+    model: nn.Module, modulations: list[nn.Linear], embeddings: list[nn.Module] = ()
+) -> None:
+    """DiT's initialisation of ``model`` (a DiT or MMDiT): Xavier-uniform linears (the patch
+    conv as one), N(0, 0.02) timestep MLP and ``embeddings``, and zeros on the blocks'
+    ``modulations``, the final modulation and the output: every block starts as the
+    identity (adaLN-Zero)."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+    weight = model.patches.proj.weight
+    nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
+    nn.init.zeros_(model.patches.proj.bias)
+    for layer in (model.time_embed[0], model.time_embed[2], *embeddings):
+        nn.init.normal_(layer.weight, std=0.02)
+    for layer in [*modulations, model.final_modulation[1], model.proj_out]:
+        nn.init.zeros_(layer.weight)
+        nn.init.zeros_(layer.bias)
+
+
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     """adaLN: ``x * (1 + scale) + shift``, one (B, D) shift and scale per sample."""
     return x * (1 + scale[:, None]) + shift[:, None]
@@ -170,24 +192,9 @@ class DiT(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
-        """DiT's initialisation: Xavier-uniform linears (the patch conv as one), N(0, 0.02)
-        embeddings, and zeros on every modulation and the output: adaLN-Zero."""
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-        weight = self.patches.proj.weight
-        nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
-        nn.init.zeros_(self.patches.proj.bias)
-        for layer in (self.time_embed[0], self.time_embed[2]):
-            nn.init.normal_(layer.weight, std=0.02)
-        if self.num_classes is not None:
-            nn.init.normal_(self.label_emb.weight, std=0.02)
-        zeroed = [b.adaLN_modulation[1] for b in self.blocks]
-        for layer in [*zeroed, self.final_modulation[1], self.proj_out]:
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
+        """DiT's initialisation (``adaln_zero_init``), the label table N(0, 0.02)."""
+        embeddings = [self.label_emb] if self.num_classes is not None else []
+        adaln_zero_init(self, [b.adaLN_modulation[1] for b in self.blocks], embeddings)
 
     def conditioning(self, t: Tensor, y: Tensor | None, pooled: Tensor | None) -> Tensor:
         """The (B, hidden) vector every block is modulated by."""

@@ -16,7 +16,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from ldm.models.denoiser import check_conditioning, run_block
-from ldm.models.dit import Patches, TimestepMLP, modulate
+from ldm.models.dit import Patches, TimestepMLP, adaln_zero_init, modulate
 from ldm.nn.attention import FeedForward
 
 
@@ -132,21 +132,9 @@ class MMDiT(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
-        """DiT's: Xavier-uniform linears, N(0, 0.02) timestep MLP, zeros on every
-        modulation and the output (each block starts as the identity)."""
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
-        weight = self.patches.proj.weight
-        nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
-        nn.init.zeros_(self.patches.proj.bias)
-        for layer in (self.time_embed[0], self.time_embed[2]):
-            nn.init.normal_(layer.weight, std=0.02)
-        zeroed = [m for b in self.blocks for m in (b.x_modulation[1], b.c_modulation[1])]
-        for layer in [*zeroed, self.final_modulation[1], self.proj_out]:
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
+        """DiT's initialisation (``adaln_zero_init``), both streams' modulations zeroed."""
+        modulations = [m for b in self.blocks for m in (b.x_modulation[1], b.c_modulation[1])]
+        adaln_zero_init(self, modulations)
 
     def forward(
         self,
