@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import pickle
+import re
 import struct
 import tempfile
 import zipfile
@@ -158,6 +159,16 @@ def read_weights(path: str | Path) -> dict[str, Tensor]:
     if not isinstance(data, Mapping):
         raise WeightsFileError(f"{path} holds a {type(data).__name__}, not a mapping of tensors")
     return {k: v for k, v in data.items() if isinstance(v, Tensor)}
+
+
+# Files of ours from before the backbone-neutral names (session 6) called the denoiser
+# "unet": networks.unet.*, ema.average.unet.*, adapters' unet.*, snapshots' <i>/unet.*.
+_LEGACY_DENOISER = re.compile(r"(^|[./])unet\.")
+
+
+def legacy_names(tensors: Mapping[str, Any]) -> dict[str, Any]:
+    """Tensors of our files with the denoiser under its current name (``denoiser``)."""
+    return {_LEGACY_DENOISER.sub(r"\1denoiser.", k, count=1): v for k, v in tensors.items()}
 
 
 def read_json(path: str | Path) -> dict[str, Any]:

@@ -97,3 +97,20 @@ def test_the_refusal_names_what_the_pickle_would_have_called(tmp_path):
     _bad_files(tmp_path)
     with pytest.raises(WeightsFileError, match=r"\(it names posix\.system\)"):
         read_pickle(tmp_path / "evil.ckpt")
+
+
+def test_legacy_names_move_the_old_unet_to_the_denoiser():
+    """Checkpoints, adapters and post-hoc EMA snapshots from before session 6."""
+    from ldm.io import legacy_names
+
+    old = ["networks.unet.out.2.weight", "ema.average.unet.out.2.weight", "unet.a.lora_down"]
+    old += ["0/unet.out.2.weight", "networks.conditioner.w", "vae.decoder.conv_in.weight"]
+    got = list(legacy_names(dict.fromkeys(old)))
+    assert got == [
+        "networks.denoiser.out.2.weight",
+        "ema.average.denoiser.out.2.weight",
+        "denoiser.a.lora_down",
+        "0/denoiser.out.2.weight",
+        "networks.conditioner.w",
+        "vae.decoder.conv_in.weight",
+    ]

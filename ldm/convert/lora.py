@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from ldm.convert.diffusers_unet import unet_module_path
-from ldm.io import WeightsFileError, read_safetensors, save_safetensors
+from ldm.io import WeightsFileError, legacy_names, read_safetensors, save_safetensors
 from ldm.models.unet import UNet
 from ldm.nn.lora import adapter_settings, adapter_state_dict
 
@@ -197,9 +197,7 @@ def read_any(path: str, denoiser: nn.Module | None) -> tuple[dict[str, Tensor], 
     tensors, metadata = read_safetensors(path)
     if "ldm_lora" in metadata:
         info = json.loads(metadata["ldm_lora"])
-        # adapters from before the backbone-neutral names: "unet." -> "denoiser."
-        renamed = {re.sub(r"^unet\.", "denoiser.", k): v for k, v in tensors.items()}
-        return renamed, info.get("settings") or {}
+        return legacy_names(tensors), info.get("settings") or {}
     foreign = any(k.startswith(KOHYA_PREFIX) for k in tensors) or any(
         k.startswith("unet.") and ".lora_A." in k for k in tensors
     )

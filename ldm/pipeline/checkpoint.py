@@ -45,6 +45,7 @@ from ldm.convert.stable_diffusion import (
 )
 from ldm.io import (
     WeightsFileError,
+    legacy_names,
     load_into,
     read_json,
     read_pickle,
@@ -67,24 +68,12 @@ TEXT_ENCODERS = {
     "cond_stage_model.model.": "openclip_vit_h",  # SD 2.x: OpenCLIP ViT-H/14
 }
 _BUILDABLE = ("ldm.models.", "ldm.diffusion.")  # constructors a checkpoint's config may name
-# Our checkpoints before the backbone-neutral names called the denoiser "unet".
-_LEGACY = {"networks.unet.": "networks.denoiser.", "ema.average.unet.": "ema.average.denoiser."}
 # A diffusers model folder's class -> (our class, config map, weights map).
 _DIFFUSERS_DENOISERS = {
     "UNet2DConditionModel": (UNet, unet_config_from_diffusers, unet_from_diffusers),
     "DiTTransformer2DModel": (DiT, dit_config_from_diffusers, dit_from_diffusers),
     "SD3Transformer2DModel": (MMDiT, mmdit_config_from_diffusers, mmdit_from_diffusers),
 }  # each weights map: (diffusers state dict, our config) -> our state dict
-
-
-def legacy_names(tensors: Mapping[str, Any]) -> dict[str, Any]:
-    """A state dict of ours with the denoiser under its current name (older checkpoints:
-    ``networks.unet.``, ``ema.average.unet.``)."""
-    out = {}
-    for key, value in tensors.items():
-        old = next((o for o in _LEGACY if key.startswith(o)), None)
-        out[_LEGACY[old] + key[len(old) :] if old else key] = value
-    return out
 
 
 def legacy_config(config: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -27,9 +27,9 @@ from torch.optim import Optimizer
 from ldm.diffusion.guidance import Conditioning
 from ldm.diffusion.objective import check_prediction, diffusion_loss, model_input, q_sample
 from ldm.diffusion.schedules import Schedule, training_timesteps
+from ldm.io import legacy_names
 from ldm.models.vae import DiagonalGaussian
 from ldm.pipeline import Pipeline
-from ldm.pipeline.checkpoint import legacy_names
 from ldm.seeding import stable_seed
 from ldm.training.ema import EMA
 from ldm.training.speed import compile_network, compile_options, to_channels_last

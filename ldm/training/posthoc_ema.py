@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ldm.io import read_safetensors, save_safetensors
+from ldm.io import legacy_names, read_safetensors, save_safetensors
 from ldm.training.ema import EMA
 
 log = logging.getLogger(__name__)
@@ -186,14 +185,7 @@ class PostHocEMA(L.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict:
-            averages = {
-                _LEGACY.sub(r"\1denoiser.", k): v for k, v in state_dict["averages"].items()
-            }
-            self._pending = {**state_dict, "averages": averages}
-
-
-# Snapshots and states from before the backbone-neutral names called the denoiser "unet".
-_LEGACY = re.compile(r"(^|[./])unet\.")
+            self._pending = {**state_dict, "averages": legacy_names(state_dict["averages"])}
 
 
 def read_snapshots(folder: str | Path) -> list[tuple[int, list[float], dict[str, Tensor]]]:
@@ -207,8 +199,7 @@ def read_snapshots(folder: str | Path) -> list[tuple[int, list[float], dict[str,
     out = []
     for path in paths:
         tensors, meta = read_safetensors(path)
-        tensors = {_LEGACY.sub(r"\1denoiser.", k): v for k, v in tensors.items()}
-        out.append((int(meta["step"]), json.loads(meta["gammas"]), tensors))
+        out.append((int(meta["step"]), json.loads(meta["gammas"]), legacy_names(tensors)))
     return out
 
 
