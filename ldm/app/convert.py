@@ -21,8 +21,8 @@ from omegaconf import DictConfig
 
 from ldm.app import CONFIG_PATH, reported
 from ldm.convert.stable_diffusion import (
-    DIFFUSERS_EXPORTS,
     PREFIXES,
+    diffusers_form,
     infer_unet_config,
     infer_vae_config,
     save_diffusers_folder,
@@ -79,7 +79,7 @@ def _to_diffusers(src: Path, out: Path, vae_scale_factor: float) -> None:
         vae.scale_factor = vae_scale_factor
     denoiser = checkpoint.denoiser()
     save_diffusers_folder(out, denoiser=denoiser, vae=vae)
-    folder = DIFFUSERS_EXPORTS[type(denoiser).__name__][0]
+    folder = diffusers_form(denoiser).folder
     print(f"wrote {out}/{folder}" + (f" and {out}/vae" if vae is not None else ""))
     if checkpoint.weights("conditioner"):
         print("the text encoder was not converted: diffusers keeps it in transformers' layout")

@@ -11,7 +11,7 @@ MMDiT, ``transformer/``) and ``vae/``, each a ``config.json`` and
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,13 +19,19 @@ from typing import Any
 from torch import Tensor, nn
 
 from ldm.convert.diffusers_dit import (
+    dit_config_from_diffusers,
     dit_config_to_diffusers,
+    dit_from_diffusers,
     dit_to_diffusers,
+    mmdit_config_from_diffusers,
     mmdit_config_to_diffusers,
+    mmdit_from_diffusers,
     mmdit_to_diffusers,
 )
 from ldm.convert.diffusers_unet import (
+    unet_config_from_diffusers,
     unet_config_to_diffusers,
+    unet_from_diffusers,
     unet_to_diffusers,
 )
 from ldm.convert.diffusers_vae import (
@@ -33,6 +39,9 @@ from ldm.convert.diffusers_vae import (
     vae_to_diffusers,
 )
 from ldm.io import save_safetensors
+from ldm.models.dit import DiT
+from ldm.models.mmdit import MMDiT
+from ldm.models.unet import UNet
 
 PREFIXES = {
     "unet": "model.diffusion_model.",
@@ -40,17 +49,49 @@ PREFIXES = {
     "text": "cond_stage_model.",
 }
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-# Our denoiser class -> (diffusers subfolder, diffusers class, config map, weights map).
-DIFFUSERS_EXPORTS = {
-    "UNet": ("unet", "UNet2DConditionModel", unet_config_to_diffusers, unet_to_diffusers),
-    "DiT": ("transformer", "DiTTransformer2DModel", dit_config_to_diffusers, dit_to_diffusers),
-    "MMDiT": (
-        "transformer",
-        "SD3Transformer2DModel",
-        mmdit_config_to_diffusers,
-        mmdit_to_diffusers,
-    ),
-}
+
+
+@dataclass(frozen=True)
+class DiffusersForm:
+    """A denoiser backbone of ours and its diffusers model: the pipeline subfolder, the
+    ``_class_name``, and the config and weights maps each way (weights maps take the state
+    dict and our config)."""
+
+    network: type[nn.Module]
+    folder: str
+    class_name: str
+    config_to: Callable[..., dict[str, Any]]
+    weights_to: Callable[..., dict[str, Tensor]]
+    config_from: Callable[..., dict[str, Any]]
+    weights_from: Callable[..., dict[str, Tensor]]
+
+
+DIFFUSERS_FORMS = {  # by diffusers' class name
+    form.class_name: form
+    for form in (
+        DiffusersForm(
+            UNet, "unet", "UNet2DConditionModel", unet_config_to_diffusers,
+            unet_to_diffusers, unet_config_from_diffusers, unet_from_diffusers,
+        ),
+        DiffusersForm(
+            DiT, "transformer", "DiTTransformer2DModel", dit_config_to_diffusers,
+            dit_to_diffusers, dit_config_from_diffusers, dit_from_diffusers,
+        ),
+        DiffusersForm(
+            MMDiT, "transformer", "SD3Transformer2DModel", mmdit_config_to_diffusers,
+            mmdit_to_diffusers, mmdit_config_from_diffusers, mmdit_from_diffusers,
+        ),
+    )
+}  # fmt: skip
+
+
+def diffusers_form(denoiser: nn.Module) -> DiffusersForm:
+    """The diffusers form of ``denoiser``; a ValueError for a backbone without one."""
+    for form in DIFFUSERS_FORMS.values():
+        if type(denoiser) is form.network:
+            return form
+    names = sorted(f.network.__name__ for f in DIFFUSERS_FORMS.values())
+    raise ValueError(f"a {type(denoiser).__name__} has no diffusers form; {names} do")
 
 
 @dataclass
@@ -152,15 +193,12 @@ def save_diffusers_folder(
     """Write the denoiser (``unet/``; a DiT's or MMDiT's ``transformer/``) and ``vae/`` in
     the diffusers layout: config.json + safetensors each."""
     root = Path(out)
-    kind = type(denoiser).__name__
-    if kind not in DIFFUSERS_EXPORTS:
-        raise ValueError(f"a {kind} has no diffusers form; {sorted(DIFFUSERS_EXPORTS)} do")
-    folder, name, config_map, weights_map = DIFFUSERS_EXPORTS[kind]
-    weights = weights_map(denoiser.state_dict(), denoiser.config)  # refuses what it can't hold
-    (root / folder).mkdir(parents=True, exist_ok=True)
-    config = {"_class_name": name, **config_map(denoiser.config)}
-    (root / folder / "config.json").write_text(json.dumps(config, indent=2))
-    save_safetensors(root / folder / WEIGHTS_NAME, weights)
+    form = diffusers_form(denoiser)
+    weights = form.weights_to(denoiser.state_dict(), denoiser.config)  # refuses what it can't
+    (root / form.folder).mkdir(parents=True, exist_ok=True)
+    config = {"_class_name": form.class_name, **form.config_to(denoiser.config)}
+    (root / form.folder / "config.json").write_text(json.dumps(config, indent=2))
+    save_safetensors(root / form.folder / WEIGHTS_NAME, weights)
     if vae is not None:
         vae_dir = root / "vae"
         vae_dir.mkdir(parents=True, exist_ok=True)

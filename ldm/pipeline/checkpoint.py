@@ -28,15 +28,9 @@ from typing import Any, Literal
 import yaml
 from torch import Tensor, nn
 
-from ldm.convert.diffusers_dit import (
-    dit_config_from_diffusers,
-    dit_from_diffusers,
-    mmdit_config_from_diffusers,
-    mmdit_from_diffusers,
-)
-from ldm.convert.diffusers_unet import unet_config_from_diffusers, unet_from_diffusers
 from ldm.convert.diffusers_vae import vae_config_from_diffusers, vae_from_diffusers
 from ldm.convert.stable_diffusion import (
+    DIFFUSERS_FORMS,
     PREFIXES,
     infer_unet_config,
     infer_vae_config,
@@ -53,8 +47,6 @@ from ldm.io import (
     read_weights,
     sniff,
 )
-from ldm.models.dit import DiT
-from ldm.models.mmdit import MMDiT
 from ldm.models.textual_inversion import add_tokens
 from ldm.models.unet import UNet
 from ldm.models.vae import SD_VAE_SCALE, AutoencoderKL
@@ -68,12 +60,6 @@ TEXT_ENCODERS = {
     "cond_stage_model.model.": "openclip_vit_h",  # SD 2.x: OpenCLIP ViT-H/14
 }
 _BUILDABLE = ("ldm.models.", "ldm.diffusion.")  # constructors a checkpoint's config may name
-# A diffusers model folder's class -> (our class, config map, weights map).
-_DIFFUSERS_DENOISERS = {
-    "UNet2DConditionModel": (UNet, unet_config_from_diffusers, unet_from_diffusers),
-    "DiTTransformer2DModel": (DiT, dit_config_from_diffusers, dit_from_diffusers),
-    "SD3Transformer2DModel": (MMDiT, mmdit_config_from_diffusers, mmdit_from_diffusers),
-}  # each weights map: (diffusers state dict, our config) -> our state dict
 
 
 def legacy_config(config: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -182,11 +168,11 @@ class Checkpoint:
         name = config.get("_class_name")
         if name is None and "cross_attention_dim" in config:
             name = "UNet2DConditionModel"
-        if part != "denoiser" or name not in _DIFFUSERS_DENOISERS:
+        if part != "denoiser" or name not in DIFFUSERS_FORMS:
             return None, {}, {}
-        network, config_map, weights_map = _DIFFUSERS_DENOISERS[name]
-        ours = config_map(config)
-        return network, ours, weights_map(read_weights(weights_file(folder)), ours)
+        form = DIFFUSERS_FORMS[name]
+        ours = form.config_from(config)
+        return form.network, ours, form.weights_from(read_weights(weights_file(folder)), ours)
 
     # ------------------------------------------------------------ networks
 
