@@ -27,6 +27,21 @@ TINY_SD_UNET = dict(
 )
 
 
+def save_random_adapter(networks: nn.ModuleDict, path, targets: str, rank: int, alpha: float):
+    """Adapter ``style`` on ``networks["denoiser"]`` at ``targets``, random (seed 0, sd
+    0.05), saved to ``path`` in our format; the networks keep it."""
+    from ldm.convert.lora import save_adapter
+    from ldm.nn.lora import adapter_parameters, inject_lora
+
+    inject_lora(networks["denoiser"], "style", targets=targets, rank=rank, alpha=alpha)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in adapter_parameters(networks):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    networks.lora_settings = {"style": networks["denoiser"].lora_settings["style"]}
+    save_adapter(networks, path, "style")
+
+
 def tool_config(name: str, *overrides: str):
     """The config a command-line tool composes from conf/<name>.yaml and ``overrides``
     (pass it to the tool's ``main`` to run it in-process)."""

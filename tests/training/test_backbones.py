@@ -7,17 +7,17 @@ import pytest
 import torch
 import yaml
 from hydra import compose, initialize_config_dir
+from testutils import save_random_adapter
 from trainutils import CONF, TINY, compose_train
 
 from ldm.app.sample import load_model, sample
 from ldm.app.train import train
-from ldm.convert.lora import save_adapter
 from ldm.convert.stable_diffusion import save_diffusers_folder
 from ldm.io import WeightsFileError
 from ldm.models.dit import DiT
 from ldm.models.mmdit import MMDiT
 from ldm.models.unet import UNet
-from ldm.nn.lora import adapter_parameters, inject_lora, set_adapter_weights
+from ldm.nn.lora import inject_lora, set_adapter_weights
 from ldm.pipeline import CONFIG_KEY, open_checkpoint
 from ldm.tools.merge import merge
 
@@ -71,13 +71,7 @@ def test_each_backbone_trains_samples_fine_tunes_and_merges(name, tmp_path):
         before = pipeline.denoiser(x, t, **cond)
     networks = pipeline.networks()
     # every Linear: the adaLN modulations too, so the adapter acts through zero-init gates
-    inject_lora(networks["denoiser"], "style", targets="all-linear", rank=2, alpha=4)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in adapter_parameters(networks):
-            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    networks.lora_settings = {"style": networks["denoiser"].lora_settings["style"]}
-    save_adapter(networks, tmp_path / "style.safetensors", "style")
+    save_random_adapter(networks, tmp_path / "style.safetensors", "all-linear", rank=2, alpha=4)
     adapter = f"{tmp_path / 'style.safetensors'}:0.5"
     baked = merge("bake", [checkpoint], tmp_path / "baked.safetensors", adapters=[adapter])
     set_adapter_weights(networks, {"style": 0.5})

@@ -9,16 +9,15 @@ import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
 from safetensors import safe_open
-from testutils import tool_config
+from testutils import save_random_adapter, tool_config
 from trainutils import CONF, TINY_ANY_DATA, compose_train
 
 from ldm.app.merge import main as merge_main
 from ldm.app.sample import load_model, sample
 from ldm.app.train import build, train
-from ldm.convert.lora import save_adapter
 from ldm.diffusion.samplers import make_sampler
 from ldm.io import save_safetensors
-from ldm.nn.lora import adapter_parameters, inject_lora, set_adapter_weights
+from ldm.nn.lora import set_adapter_weights
 from ldm.tools.merge import merge, read_checkpoint
 from ldm.training.finetune import ensure_class_images
 
@@ -212,13 +211,7 @@ def test_merging(tmp_path, base):
     # Baking an adapter in gives what running with the adapter gives.
     module = load_model(_sample_cfg(a))
     networks = module.networks()
-    inject_lora(networks["denoiser"], "style", targets="attn", rank=4, alpha=8)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in adapter_parameters(networks):
-            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    networks.lora_settings = {"style": networks["denoiser"].lora_settings["style"]}
-    save_adapter(networks, tmp_path / "style.safetensors", "style")
+    save_random_adapter(networks, tmp_path / "style.safetensors", "attn", rank=4, alpha=8)
     baked = merge(
         "bake",
         [a],
