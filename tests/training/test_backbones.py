@@ -7,13 +7,14 @@ import pytest
 import torch
 import yaml
 from hydra import compose, initialize_config_dir
-from testutils import save_random_adapter
+from testutils import save_random_adapter, tool_config
 from trainutils import CONF, TINY, compose_train
 
+from ldm.app.convert import main as convert_main
 from ldm.app.sample import load_model, sample
 from ldm.app.train import train
 from ldm.convert.stable_diffusion import save_diffusers_folder
-from ldm.io import WeightsFileError
+from ldm.io import WeightsFileError, save_safetensors
 from ldm.models.dit import DiT
 from ldm.models.mmdit import MMDiT
 from ldm.models.unet import UNet
@@ -83,15 +84,23 @@ def test_each_backbone_trains_samples_fine_tunes_and_merges(name, tmp_path):
     effect = (want - before).abs().max()
     assert effect > 1e-2 * before.abs().max()  # the adapter acts
     assert (got - want).abs().max() < 1e-3 * effect  # and baked in, it acts the same
+    if kind is not UNet:  # a UNet-format (kohya) adapter has nothing to act on here
+        kohya = tmp_path / "kohya.safetensors"
+        save_safetensors(kohya, {"lora_unet_x.lora_down.weight": torch.zeros(2, 4)})
+        with pytest.raises(ValueError, match="the base checkpoint has no UNet"):
+            merge("bake", [checkpoint], tmp_path / "no.safetensors", adapters=[str(kohya)])
 
 
-def test_the_diffusers_export_of_a_trained_mmdit_runs_in_diffusers(tmp_path):
+def test_the_diffusers_export_of_a_trained_mmdit_runs_in_diffusers(tmp_path, capsys):
     diffusers = pytest.importorskip("diffusers")
     run = tmp_path / "mmdit"
     pooled = ["model.backbone.pooled_dim=32", "model.conditioner.pooled=true"]
     train(compose_train(run, *SHARED, *BACKBONES["mmdit"][1], *pooled, tiny=False), run)
-    ours = open_checkpoint(run / "checkpoints" / "last.ckpt").denoiser().eval()
-    save_diffusers_folder(tmp_path / "out", denoiser=ours)
+    checkpoint = run / "checkpoints" / "last.ckpt"
+    ours = open_checkpoint(checkpoint).denoiser().eval()
+    out = tmp_path / "out"
+    convert_main(tool_config("convert", "action=to-diffusers", f"src={checkpoint}", f"out={out}"))
+    assert f"wrote {out}/transformer and {out}/vae" in capsys.readouterr().out
     config = json.loads((tmp_path / "out" / "transformer" / "config.json").read_text())
     assert config["_class_name"] == "SD3Transformer2DModel"
     theirs = diffusers.SD3Transformer2DModel.from_pretrained(tmp_path / "out" / "transformer")
@@ -107,6 +116,12 @@ def test_the_diffusers_export_of_a_trained_mmdit_runs_in_diffusers(tmp_path):
     # and the folder reads back as the same network
     back = open_checkpoint(tmp_path / "out").denoiser()
     assert all(torch.equal(back.state_dict()[k], v) for k, v in ours.state_dict().items())
+    # which has no single-file form
+    with pytest.raises(SystemExit):
+        convert_main(
+            tool_config("convert", "action=from-diffusers", f"src={out}", f"out={tmp_path}/x")
+        )
+    assert "MMDiT, which has no single-file form" in capsys.readouterr().err
 
 
 def test_a_text_conditioned_dit_has_no_diffusers_form(tmp_path):
