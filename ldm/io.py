@@ -48,6 +48,21 @@ def file_digest(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def weights_digest(modules: Mapping[str, nn.Module]) -> str:
+    """SHA-256 (hex) of named modules' weights: every state-dict tensor's name, dtype, shape
+    and bytes, in order. Two checkpoints with the same weights get the same digest whatever
+    else their files hold (optimizer state, timestamps)."""
+    digest = hashlib.sha256()
+    for name, module in modules.items():
+        for key, value in module.state_dict().items():
+            if not isinstance(value, Tensor):
+                continue
+            digest.update(f"{name}.{key}:{value.dtype}:{tuple(value.shape)};".encode())
+            flat = value.detach().cpu().contiguous().reshape(-1)  # 0-d too: a uint8 view
+            digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def sniff(path: str | Path) -> Format:
     """What ``path`` holds, from its bytes rather than its name: ``safetensors``, ``torch``
     (``torch.save``'s zip archive), ``pickle`` (torch's legacy format) or ``diffusers`` (a

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ldm.app import CONFIG_PATH, reported
 from ldm.app.sample import load_model, use_posthoc_ema
+from ldm.io import weights_digest
 from ldm.metrics.attributes import headline
 from ldm.metrics.results import markdown_table, summarize, write_results
 from ldm.metrics.sweep import GridPoint, build_evaluator, grid_points
@@ -58,7 +59,14 @@ def evaluate(cfg: DictConfig, out_dir: str | Path) -> list[dict[str, Any]]:
                 print(f"reference statistics ({name}): {how} ({reference['count']} samples)")
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         (Path(out_dir) / "provenance.json").write_text(json.dumps(reference, indent=2, default=str))
-    meta = OmegaConf.to_container(cfg, resolve=True) | {"world_size": fabric.world_size}
+    # The weights scored, not only their path: a checkpoint trained again in the same place
+    # must not be resumed into another's results.
+    vae = {"vae": pipeline.vae} if pipeline.vae is not None else {}
+    weights = weights_digest({**pipeline.networks(), **vae})
+    meta = OmegaConf.to_container(cfg, resolve=True) | {
+        "world_size": fabric.world_size,
+        "weights_sha256": weights,
+    }
     # Our checkpoints carry their own diffusion settings: the config's are not used.
     unused = {"diffusion"} if checkpoint.format == "ours" else set()
     rows = previous_runs(out_dir, meta, unused) if cfg.get("resume", True) else []

@@ -3,11 +3,13 @@ KID from 1 and 2 processes, and the FID callback during training."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 from ldm.app.evaluate import evaluate
@@ -250,6 +252,28 @@ def test_an_interrupted_sweep_resumes_where_it_stopped(checkpoint, tmp_path):
         _compose(*settings, "grid.steps=[2]", "seed=1", "resume=false"), tmp_path / "out"
     )
     assert len(fresh) == 1
+
+
+def test_resuming_refuses_the_runs_of_other_weights_at_the_same_path(checkpoint, tmp_path):
+    """A checkpoint trained again in the same place is another model: its runs are kept apart
+    (the weights' digest is part of what a resumed run must match), while a copy of the same
+    weights resumes."""
+    path = tmp_path / "last.ckpt"
+    shutil.copy(checkpoint, path)
+    settings = [*BASE, f"checkpoint={path}", f"cache_dir={tmp_path / 'cache'}", "attributes=false"]
+    evaluate(_compose(*settings, "grid.steps=[2]"), tmp_path / "out")
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert len(saved["meta"]["weights_sha256"]) == 64
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    state["epoch"] = 7  # not a weight: the same digest
+    torch.save(state, path)
+    assert len(evaluate(_compose(*settings, "grid.steps=[2,3]"), tmp_path / "out")) == 2
+    for key, value in state["state_dict"].items():
+        if value.is_floating_point():
+            state["state_dict"][key] = value + 1e-3
+    torch.save(state, path)
+    with pytest.raises(ValueError, match="other settings \\(weights_sha256\\)"):
+        evaluate(_compose(*settings, "grid.steps=[2]"), tmp_path / "out")
 
 
 def test_saved_samples_rescore_to_the_same_fid(checkpoint, tmp_path):
