@@ -31,17 +31,19 @@ BENCH := $(or $(LDM_OUTPUT_DIR),outputs)/benchmark_shapes
 benchmark-shapes: $(STAMP)  ## the shapes models trained toward their floors (~90 min; docs/benchmark-shapes.md)
 	$(PYTHON) train.py experiment=shapes_vae name=benchmark_shapes/vae \
 		model.vae.base_channels=32 data.batch_size=16 trainer.max_steps=6000 \
-		trainer.val_check_interval=1000 callbacks.checkpoint.every_n_train_steps=1000
+		trainer.val_check_interval=1000 callbacks.checkpoint.every_n_train_steps=1000 \
+		callbacks.checkpoint.save_top_k=-1  # every 1000 steps kept: the rFID curve below
 	$(PYTHON) train.py experiment=shapes_ldm name=benchmark_shapes/ldm \
 		vae_checkpoint=$(BENCH)/vae/checkpoints/last.ckpt trainer.max_steps=10000 \
 		callbacks=with_fid callbacks.fid.every_n_steps=2000 callbacks.fid.num_samples=1000 \
-		callbacks.checkpoint.every_n_train_steps=2000 callbacks.samples.every_n_steps=2000 \
+		callbacks.checkpoint.every_n_train_steps=2000 callbacks.checkpoint.save_top_k=-1 \
+		callbacks.samples.every_n_steps=2000 \
 		callbacks.fid.cache_dir=$(BENCH)/reference_stats callbacks.samples.cache_dir=$(BENCH)/reference_stats
 	$(PYTHON) evaluate.py checkpoint=$(BENCH)/ldm/checkpoints/last.ckpt num_samples=1000 \
 		reference_count=1000 'grid.steps=[50]' 'grid.guidance=[1.0,3.0]' cache_dir=$(BENCH)/reference_stats \
 		hydra.run.dir=$(BENCH)/eval
 	$(PYTHON) benchmarks/fid_floors.py $$(ls $(BENCH)/reference_stats/reference-*.safetensors | head -1) \
-		--vae $(BENCH)/vae/checkpoints/last.ckpt --n 1000  # the callback's and evaluate's: same images
+		--vae $(BENCH)/vae/checkpoints/step_*.ckpt --n 1000  # the callback's and evaluate's: same images
 	$(PYTHON) -m ldm.tools.curves runs=[$(BENCH)/vae] out=$(BENCH)/vae_curves.png \
 		'keys=[train/rec_loss,val/rec_loss,val/kl]'
 	$(PYTHON) -m ldm.tools.curves runs=[$(BENCH)/ldm] out=$(BENCH)/ldm_curves.png \
@@ -54,25 +56,36 @@ DDIM := $(or $(LDM_OUTPUT_DIR),outputs)/ddim_study
 DDIM_GRID := num_samples=1000 reference_count=1000 \
 	'grid.samplers=[{name:ddim,spacing:trailing,eta:[0.0,0.5,1.0]}]' \
 	cache_dir=$(BENCH)/reference_stats
+DDIM_QUALITY := num_samples=1000 reference_count=1000 cache_dir=$(BENCH)/reference_stats \
+	'grid.samplers=[{name:ddim,spacing:trailing,eta:[0.0,1.0]}]' 'grid.steps=[10]' \
+	'grid.guidance=[1.0]' repeats=2
 
 # The DDIM paper's eta x steps table on the model of benchmark-shapes, with its network and
 # with the exact denoiser of its training latents, unguided and at guidance 3: n = 1000,
-# 3 seeds at 10-100 steps, 1 seed at 1000 steps; the few-step tables first, each network
-# table followed by its exact-denoiser twin. Runs already in
+# 3 seeds at 10-100 steps (the paper's) and at 3 and 5 steps (where discretisation error
+# dominates), 1 seed at 1000 steps; each network table followed by its exact-denoiser twin.
+# The runs behind docs/ddim-study.md are in docs/data/ddim_study/ (copy them into $(DDIM)
+# to extend them: evaluate.py resumes them only for bit-identical weights). Then the network
+# error's dose: eta 0 against eta 1 at 10 steps for the model every 2000 training steps
+# (unguided, 2 seeds). Runs already in
 # a part's results.json are kept (evaluate.py resume=true), so the hours it takes on a CPU
 # can be spread over several invocations.
 ddim-study: $(STAMP)  ## the DDIM eta x steps comparison, network vs exact denoiser (docs/ddim-study.md)
 	test -f $(BENCH)/ldm/checkpoints/last.ckpt || $(MAKE) benchmark-shapes
 	test -f $(BENCH)/latents/train/cache.json || $(PYTHON) -m ldm.data.latents \
 		vae=$(BENCH)/vae/checkpoints/last.ckpt out=$(BENCH)/latents data=shapes 'splits=[train]'
-	for part in few many; do for g in 1.0 3.0; do for model in network exact; do \
-		if [ $$part = few ]; then steps='[10,20,50,100]'; repeats=3; \
-		else steps='[1000]'; repeats=1; fi; \
+	for part in few fewest many; do for g in 1.0 3.0; do for model in network exact; do \
+		case $$part in few) steps='[10,20,50,100]'; repeats=3;; \
+			fewest) steps='[3,5]'; repeats=3;; *) steps='[1000]'; repeats=1;; esac; \
 		exact=null; [ $$model = exact ] && exact=$(BENCH)/latents; \
 		$(PYTHON) evaluate.py checkpoint=$(BENCH)/ldm/checkpoints/last.ckpt $(DDIM_GRID) \
 			"grid.steps=$$steps" repeats=$$repeats "grid.guidance=[$$g]" \
 			exact_denoiser=$$exact hydra.run.dir=$(DDIM)/$$model-g$$g-$$part || exit 1; \
 	done; done; done
+	for ckpt in $(BENCH)/ldm/checkpoints/step_*.ckpt; do \
+		$(PYTHON) evaluate.py checkpoint=$$ckpt $(DDIM_QUALITY) \
+			hydra.run.dir=$(DDIM)/quality/$$(basename $$ckpt .ckpt) || exit 1; \
+	done
 	$(PYTHON) benchmarks/fid_floors.py $$(ls $(BENCH)/reference_stats/reference-*.safetensors | head -1) \
 		--vae $(BENCH)/vae/checkpoints/last.ckpt --n 1000
 	$(MAKE) ddim-tables

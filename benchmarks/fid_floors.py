@@ -6,6 +6,9 @@ latent model cannot beat the second (its VAE's round trip) by much. Both give th
 which a study's FIDs are to be read.
 
     .venv/bin/python benchmarks/fid_floors.py REFERENCE.safetensors --vae VAE.ckpt [--n 500]
+
+Several ``--vae`` checkpoints (say every 1000 steps of one run) give the reconstruction
+floor's curve against training: the real-image floor is computed once.
 """
 
 from __future__ import annotations
@@ -30,7 +33,9 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("reference", help="a reference-*.safetensors of evaluate.py")
-    parser.add_argument("--vae", required=True, help="the VAE checkpoint of the study's model")
+    parser.add_argument(
+        "--vae", required=True, nargs="+", help="the VAE checkpoint(s) of the study's model"
+    )
     parser.add_argument("--n", type=int, default=500, help="images per set (the study's n)")
     parser.add_argument("--split", default="train", help="where the real images come from")
     parser.add_argument("--extractor", default="torchscript:fid-helper")
@@ -41,20 +46,22 @@ def main() -> None:
     dataset = instantiate(provenance["dataset"])(args.split)
     if args.split == provenance["split"]:
         sys.exit(f"--split {args.split} is the reference's own split: pick another one")
-    extractor, vae = make_extractor(args.extractor), load_vae(args.vae).eval()
-    for name in ("real images", "VAE reconstructions"):
+    extractor = make_extractor(args.extractor)
+    for name, path in [("real images", None)] + [("VAE reconstructions", v) for v in args.vae]:
+        vae = load_vae(path).eval() if path else None
         metrics = GenerativeMetrics(reference, kid_subset_size=args.n)
         for start in range(0, args.n, args.batch_size):
             indices = range(start, min(start + args.batch_size, args.n))
             images = torch.stack([dataset[i]["image"] for i in indices])
             with torch.no_grad():
-                if name.startswith("VAE"):
+                if vae is not None:
                     images = vae.decode(vae.encode(images).mean).clamp(-1, 1)
                 features = extractor.features(to_uint8(images))
             metrics.update(features, torch.tensor(list(indices)))
         result = metrics.compute()
+        of = f" of {path}" if path else ""
         print(
-            f"{name} ({args.split}, n={args.n}) vs {provenance['split']} reference "
+            f"{name}{of} ({args.split}, n={args.n}) vs {provenance['split']} reference "
             f"(n={len(reference)}): FID {result['fid']:.2f}, KID {result['kid_mean']:.4f}",
             flush=True,
         )
