@@ -43,7 +43,9 @@ def main() -> None:
     args = parser.parse_args()
 
     reference, provenance = read_reference(args.reference)
-    dataset = instantiate(provenance["dataset"])(args.split)
+    # the reference's dataset, as a factory or not: built for --split
+    source = {k: v for k, v in provenance["dataset"].items() if k != "_partial_"}
+    dataset = instantiate(source, split=args.split)
     if args.split == provenance["split"]:
         sys.exit(f"--split {args.split} is the reference's own split: pick another one")
     extractor = make_extractor(args.extractor)
