@@ -67,7 +67,8 @@ DDIM_QUALITY := num_samples=1000 reference_count=1000 cache_dir=$(BENCH)/referen
 # The runs behind docs/ddim-study.md are in docs/data/ddim_study/ (copy them into $(DDIM)
 # to extend them: evaluate.py resumes them only for bit-identical weights). Then the network
 # error's dose: eta 0 against eta 1 at 10 steps for the model every 2000 training steps
-# (unguided, 2 seeds). Runs already in
+# (unguided, 2 seeds); and the same eta x steps on the 2-D Gaussian mixture of study.py, whose
+# exact denoiser is that of a continuous distribution (3 seeds, seconds). Runs already in
 # a part's results.json are kept (evaluate.py resume=true), so the hours it takes on a CPU
 # can be spread over several invocations.
 ddim-study: $(STAMP)  ## the DDIM eta x steps comparison, network vs exact denoiser (docs/ddim-study.md)
@@ -86,6 +87,8 @@ ddim-study: $(STAMP)  ## the DDIM eta x steps comparison, network vs exact denoi
 		$(PYTHON) evaluate.py checkpoint=$$ckpt $(DDIM_QUALITY) \
 			hydra.run.dir=$(DDIM)/quality/$$(basename $$ckpt .ckpt) || exit 1; \
 	done
+	$(PYTHON) study.py -m '+sampler_options.ddim.eta=0.0,0.5,1.0' seed=0,1,2 'samplers=[ddim]' \
+		'steps=[3,5,10,20,50,100,1000]' num_samples=20000 diffusion=sd hydra.sweep.dir=$(DDIM)/analytic
 	$(PYTHON) benchmarks/fid_floors.py $$(ls $(BENCH)/reference_stats/reference-*.safetensors | head -1) \
 		--vae $(BENCH)/vae/checkpoints/last.ckpt --n 1000
 	$(MAKE) ddim-tables
