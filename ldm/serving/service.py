@@ -113,6 +113,11 @@ class ImageService:
         factor = self.pipeline.vae.downsample_factor if self.pipeline.vae is not None else 1
         return factor * multiple
 
+    @property
+    def most_steps(self) -> int:
+        """``max_steps``, or the schedule's timesteps where fewer (no sampler takes more)."""
+        return min(self.max_steps, self.pipeline.schedule.num_train_timesteps)
+
     # ------------------------------------------------------------------ describing
 
     def adapters(self) -> list[str]:
@@ -132,7 +137,7 @@ class ImageService:
             "samplers": {name: cfg.get("steps") for name, cfg in self.samplers.items()},
             "image_size": list(self.pipeline.image_size),
             "sizes": [list(s) for s in self.sizes],
-            "max_steps": self.max_steps,
+            "max_steps": self.most_steps,
             "max_images": self.max_images,
             "adapters": self.adapters(),
             "embeddings": self.embeddings,
@@ -174,8 +179,8 @@ class ImageService:
                 "sampler", f"unknown sampler {name!r}; use one of {sorted(self.samplers)}"
             )
         steps = steps if steps is not None else self.samplers[name]["steps"]
-        if not 1 <= steps <= self.max_steps:
-            raise BadRequest("steps", f"steps={steps} is outside 1..{self.max_steps}")
+        if not 1 <= steps <= self.most_steps:
+            raise BadRequest("steps", f"steps={steps} is outside 1..{self.most_steps}")
         if eta is not None and "eta" not in self.samplers[name]:
             takes = sorted(n for n, options in self.samplers.items() if "eta" in options)
             raise BadRequest("eta", f"sampler {name} takes no eta ({', '.join(takes)} do)")
