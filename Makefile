@@ -99,6 +99,9 @@ ddim-tables:  ## the tables and plots of the DDIM study so far (mean ± sd over 
 		$(PYTHON) -m ldm.tools.tables "runs=[$$runs]" 'metrics=[fid,attr_joint,attr_shape]' \
 			'paired=[0,1]' out=$(DDIM)/$$model-g$$g.png; \
 	done; done
+	if [ -d $(DDIM)/quality ]; then \
+		$(PYTHON) -m ldm.tools.tables "runs=[$$(ls -d $(DDIM)/quality/step_* | paste -sd,)]" \
+			'metrics=[fid,attr_shape]' 'paired=[0,1]' by=checkpoint; fi
 
 BACKBONES := $(or $(LDM_OUTPUT_DIR),outputs)/backbones
 BACKBONE_RUN := experiment=shapes_ldm data=latents data.dataset.root=$(BENCH)/latents \

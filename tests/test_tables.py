@@ -69,3 +69,28 @@ def test_summaries_give_mean_sd_and_min_over_repeats():
     assert "fid_ci_low" not in row  # per run only, with several repeats
     (one,) = summarize(runs[:1])
     assert one["fid_ci_low"] == 29.0 and one["fid_ci_high"] == 31.0
+
+
+def test_tables_by_checkpoint_follow_a_model_through_training(tmp_path, capsys):
+    runs = []
+    for step, fids in [(2000, (60.0, 50.0)), (10000, (34.0, 31.0))]:
+        folder = tmp_path / f"step_{step:06d}"
+        folder.mkdir()
+        rows = [
+            {"steps": 10, "eta": eta, "guidance": 1.0, "repeat": 0, "fid": fid}
+            for eta, fid in zip((0.0, 1.0), fids, strict=True)
+        ]
+        meta = {"checkpoint": f"/runs/ckpts/step_{step:06d}.ckpt"}
+        (folder / "results.json").write_text(json.dumps({"meta": meta, "runs": rows}))
+        runs.append(folder)
+    lines = table(read_runs(runs), "fid", paired=(0.0, 1.0), by="checkpoint").splitlines()
+    assert lines[0].startswith("| checkpoint | repeats | eta = 0 | eta = 1 |")
+    assert lines[2:] == [
+        "| step_002000 | 1 | 60.0 | 50.0 | 10.0 |",
+        "| step_010000 | 1 | 34.0 | 31.0 | 3.0 |",
+    ]
+    with pytest.raises(ValueError, match="one step count"):
+        table(read_runs([_run(tmp_path, "a")]), by="checkpoint")
+    with pytest.raises(SystemExit):
+        main(tool_config("tables", f"runs=[{runs[0]}]", "by=checkpoint", f"out={tmp_path}/x.png"))
+    assert "leave it out" in capsys.readouterr().err

@@ -18,22 +18,25 @@ Runs = list[dict[str, Any]]
 
 
 def read_runs(paths: Sequence[str | Path]) -> Runs:
-    """The per-seed runs of ``results.json`` files (or of the run folders holding them)."""
+    """The per-seed runs of ``results.json`` files (or of the run folders holding them),
+    each with ``checkpoint``: the stem of the checkpoint file its evaluation scored."""
     runs: Runs = []
     for path in map(Path, paths):
         file = path / "results.json" if path.is_dir() else path
         if not file.is_file():
             raise FileNotFoundError(f"no results.json at {file} (evaluate.py writes it)")
-        runs += json.loads(file.read_text())["runs"]
+        saved = json.loads(file.read_text())
+        checkpoint = Path(str(saved.get("meta", {}).get("checkpoint", ""))).stem
+        runs += [{"checkpoint": checkpoint, **run} for run in saved["runs"]]
     return runs
 
 
-def _values(runs: Runs, metric: str, steps: int, eta: float) -> dict[int, float]:
-    """``repeat -> value`` at one (steps, eta)."""
+def _values(runs: Runs, metric: str, row: Any, eta: float, by: str = "steps") -> dict[int, float]:
+    """``repeat -> value`` at one (row, eta), the row a value of ``by``."""
     return {
         r["repeat"]: float(r[metric])
         for r in runs
-        if r["steps"] == steps and r["eta"] == eta and metric in r
+        if r[by] == row and r["eta"] == eta and metric in r
     }
 
 
@@ -52,23 +55,30 @@ def table(
     paired: tuple[float, float] | None = None,
     scale: float = 1.0,
     digits: int = 1,
+    by: str = "steps",
 ) -> str:
     """Markdown: one row per step count, one column per eta, each cell mean ± sd over the
     repeats (times ``scale``: 100 for accuracies in %). ``paired=(a, b)`` adds eta a minus
-    eta b, differenced seed by seed (both start from the same noise) before averaging."""
+    eta b, differenced seed by seed (both start from the same noise) before averaging.
+    ``by="checkpoint"``: one row per checkpoint scored instead (at one step count), e.g.
+    the same sampler along a model's training."""
+    if by not in ("steps", "checkpoint"):
+        raise ValueError(f"by={by!r}: rows are by steps or by checkpoint")
     etas = sorted({r["eta"] for r in runs})
     guidance = sorted({r["guidance"] for r in runs})
     if len(guidance) != 1:
         raise ValueError(f"runs at guidance {guidance}: table one guidance scale at a time")
+    if by == "checkpoint" and len(steps := sorted({r["steps"] for r in runs})) != 1:
+        raise ValueError(f"runs at steps {steps}: a table by checkpoint takes one step count")
     head = [f"eta = {eta:g}" for eta in etas]
     if paired:
         head.append(f"eta {paired[0]:g} − eta {paired[1]:g} (paired)")
     lines = [
-        f"| steps | repeats | {' | '.join(head)} |",
+        f"| {by} | repeats | {' | '.join(head)} |",
         "|---:|---:|" + "---:|" * len(head),
     ]
-    for steps in sorted({r["steps"] for r in runs}):
-        cells = {eta: _values(runs, metric, steps, eta) for eta in etas}
+    for row_value in sorted({r[by] for r in runs}):
+        cells = {eta: _values(runs, metric, row_value, eta, by) for eta in etas}
         repeats = max(len(c) for c in cells.values())
         row = [mean_sd([v * scale for v in cells[eta].values()], digits) for eta in etas]
         if paired:
@@ -76,7 +86,7 @@ def table(
             row.append(
                 mean_sd([(a[k] - b[k]) * scale for k in sorted(a.keys() & b.keys())], digits)
             )
-        lines.append(f"| {steps} | {repeats} | " + " | ".join(row) + " |")
+        lines.append(f"| {row_value} | {repeats} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
@@ -124,8 +134,12 @@ def report(
     panels: Sequence[str] | None = None,
     floors: dict[str, float] | None = None,
     out: str | Path | None = None,
+    by: str = "steps",
 ) -> None:
-    """Print each panel's table per metric; plot the first metric to ``out``."""
+    """Print each panel's table per metric (rows ``by`` steps or checkpoint); plot the first
+    metric against steps to ``out``."""
+    if out and by != "steps":
+        raise ValueError(f"out= plots against steps; leave it out for a table by {by}")
     names = list(panels or ["all"] * len(runs))
     if len(names) != len(runs):
         raise ValueError(f"panels names {len(names)} panels for {len(runs)} runs; give one each")
@@ -139,7 +153,7 @@ def report(
         for metric in metrics:
             percent = metric.startswith("attr_")
             print(f"\n{name}: {metric}{' (%)' if percent else ''}, mean ± sd over repeats\n")
-            print(table(panel, metric, pair, scale=100.0 if percent else 1.0))
+            print(table(panel, metric, pair, scale=100.0 if percent else 1.0, by=by))
     if out:
         plot(grouped, metrics[0], Path(out), {k: float(v) for k, v in (floors or {}).items()})
         print(f"\nwrote {out}")
