@@ -39,6 +39,7 @@ def study(cfg: DictConfig, out_dir: str | Path) -> None:
         list(cfg.steps),
         cfg.num_samples,
         cfg.seed,
+        cfg.get("guidance"),
     )
     paths = write_results(rows, out_dir, meta=OmegaConf.to_container(cfg, resolve=True))
     plot_samples(samples, data, out_dir / "samples.png")

@@ -93,8 +93,12 @@ class GaussianMixture:
         comp = self._component_log_prob(x.double(), self.means[None], self.stds[None] ** 2)
         return torch.softmax(comp + self.weights.log(), dim=1)
 
-    def posterior_mean(self, x_t: Tensor, alpha_bar: Tensor | float) -> Tensor:
-        """``E[x0 | x_t]`` for ``x_t`` (B, D) at ``alpha_bar`` (scalar or (B,))."""
+    def posterior_mean(
+        self, x_t: Tensor, alpha_bar: Tensor | float, labels: Tensor | None = None
+    ) -> Tensor:
+        """``E[x0 | x_t]`` for ``x_t`` (B, D) at ``alpha_bar`` (scalar or (B,)); with
+        ``labels`` (B,), ``E[x0 | x_t, k]`` for component (class) ``k``, and the whole
+        mixture where the label is -1."""
         x = x_t.double()
         weights, means, stds = (p.to(x.device) for p in (self.weights, self.means, self.stds))
         a, s = vp_coefficients(alpha_bar, x)  # (B, 1) or scalars
@@ -102,19 +106,25 @@ class GaussianMixture:
         var0 = stds[None] ** 2  # (1, K, D)
         var_t = a**2 * var0 + s**2  # (B or 1, K, D)
         log_r = self._component_log_prob(x, a * means[None], var_t) + weights.log()
+        if labels is not None:  # a class's posterior: its own component only
+            labels = labels.to(x.device)[:, None]
+            keep = (labels < 0) | (torch.arange(len(weights), device=x.device) == labels)
+            log_r = log_r.masked_fill(~keep, -math.inf)
         r = torch.softmax(log_r, dim=1)  # (B, K)
         per_component = means[None] + a * var0 / var_t * (x[:, None, :] - a * means)
         return (r[..., None] * per_component).sum(1).to(x_t.dtype)
 
     def denoiser(self, schedule: Schedule, prediction: str) -> Denoiser:
-        """The exact ``prediction`` model ``(network input, t) -> output`` under ``schedule``
-        (the input is the VP state, or the flow state for ``flow``: ``model_input``)."""
+        """The exact ``prediction`` model ``(network input, t[, labels]) -> output`` under
+        ``schedule`` (the input is the VP state, or the flow state for ``flow``:
+        ``model_input``); ``labels`` (B,) condition on components as ``posterior_mean``'s do,
+        so ``ldm.diffusion.guidance.cfg`` can guide it with -1 as the unconditional label."""
         check_prediction(prediction)
 
-        def model(x_in: Tensor, t: Tensor) -> Tensor:
+        def model(x_in: Tensor, t: Tensor, labels: Tensor | None = None) -> Tensor:
             alpha_bar = schedule.alphas_cumprod_at(t).to(x_in.device)
             x_t = x_in / input_scale(alpha_bar, prediction, x_in)  # the VP state
-            x0 = self.posterior_mean(x_t, alpha_bar)
+            x0 = self.posterior_mean(x_t, alpha_bar, labels)
             return convert(x0, x_t, alpha_bar, src="x0", dst=prediction)
 
         return model

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from ldm.diffusion.analytic import GaussianMixture
+from ldm.diffusion.guidance import cfg
 from ldm.diffusion.samplers import make_sampler
 from ldm.diffusion.schedules import Schedule
 
@@ -91,12 +92,21 @@ def run_study(
     steps: Sequence[int],
     num_samples: int,
     seed: int = 0,
+    guidance: float | None = None,
 ) -> tuple[list[StudyRow], dict[str, Tensor]]:
-    """Run every sampler at every step count from the same noise; return rows and samples."""
+    """Run every sampler at every step count from the same noise; return rows and samples.
+    ``guidance``: class-conditional sampling instead, each sample's class (component)
+    drawn with the mixture's weights, under classifier-free guidance at that scale (1: the
+    conditional denoiser alone); the scores stay against the whole mixture, as FID of
+    prompted samples is against the data the prompts describe."""
     g = torch.Generator().manual_seed(seed)
     reference = data.sample(num_samples, g)
     x_T = torch.randn(num_samples, data.dim, generator=g, dtype=torch.float64)
     exact = data.denoiser(schedule, prediction)
+    if guidance is not None:  # classes from their own stream: x_T stays the unguided one's
+        classes = torch.Generator().manual_seed(seed + 2)
+        labels = torch.multinomial(data.weights, num_samples, replacement=True, generator=classes)
+        exact = cfg(exact, labels, torch.tensor([-1]), guidance)
     floor = score(data.sample(num_samples, g), data, reference)
     rows = [StudyRow("reference", 0, 0, seconds=0.0, **floor)]
     samples: dict[str, Tensor] = {}
