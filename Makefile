@@ -88,7 +88,9 @@ ddim-study: $(STAMP)  ## the DDIM eta x steps comparison, network vs exact denoi
 			hydra.run.dir=$(DDIM)/quality/$$(basename $$ckpt .ckpt) || exit 1; \
 	done
 	$(PYTHON) study.py -m '+sampler_options.ddim.eta=0.0,0.5,1.0' seed=0,1,2 'samplers=[ddim]' \
-		'steps=[3,5,10,20,50,100,1000]' num_samples=20000 diffusion=sd hydra.sweep.dir=$(DDIM)/analytic
+		'steps=[3,5,10,20,50,100,1000]' num_samples=20000 diffusion=sd guidance=null,1.0,3.0 \
+		hydra.sweep.dir=$(DDIM)/analytic \
+		'hydra.sweep.subdir=g$${guidance}-eta$${sampler_options.ddim.eta}-seed$${seed}'
 	$(PYTHON) benchmarks/fid_floors.py $$(ls $(BENCH)/reference_stats/reference-*.safetensors | head -1) \
 		--vae $(BENCH)/vae/checkpoints/last.ckpt --n 1000
 	$(MAKE) ddim-tables
@@ -99,6 +101,12 @@ ddim-tables:  ## the tables and plots of the DDIM study so far (mean ± sd over 
 		$(PYTHON) -m ldm.tools.tables "runs=[$$runs]" 'metrics=[fid,attr_joint,attr_shape]' \
 			'paired=[0,1]' out=$(DDIM)/$$model-g$$g.png; \
 	done; done
+	for g in None 1.0 3.0; do \
+		runs=$$(ls -d $(DDIM)/analytic/g$$g-* 2>/dev/null | paste -sd,); [ -n "$$runs" ] || continue; \
+		echo; echo "analytic control, guidance $$g (None: unconditional)"; \
+		$(PYTHON) -m ldm.tools.tables "runs=[$$runs]" 'metrics=[frechet,sliced_w1,spread]' \
+			'paired=[0,1]' 'scale={frechet: 1000, sliced_w1: 100}' digits=2; \
+	done
 	if [ -d $(DDIM)/quality ]; then \
 		$(PYTHON) -m ldm.tools.tables "runs=[$$(ls -d $(DDIM)/quality/step_* | paste -sd,)]" \
 			'metrics=[fid,attr_shape]' 'paired=[0,1]' by=checkpoint; fi

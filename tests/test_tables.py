@@ -94,3 +94,32 @@ def test_tables_by_checkpoint_follow_a_model_through_training(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(tool_config("tables", f"runs=[{runs[0]}]", "by=checkpoint", f"out={tmp_path}/x.png"))
     assert "leave it out" in capsys.readouterr().err
+
+
+def test_study_runs_table_by_seed_with_scaled_metrics(tmp_path, capsys):
+    folders = []
+    for eta, seed, frechet in [(0.0, 0, 0.002), (0.0, 1, 0.004), (1.0, 0, 0.003), (1.0, 1, 0.006)]:
+        rows = [
+            {"sampler": "reference", "steps": 0, "frechet": 1e-5},
+            {"sampler": "ddim", "steps": 5, "frechet": frechet},
+        ]
+        settings = {"sampler_options": {"ddim": {"eta": eta}}, "seed": seed, "guidance": 3.0}
+        folder = tmp_path / f"g3.0-eta{eta}-seed{seed}"
+        folder.mkdir()
+        (folder / "results.json").write_text(json.dumps({"settings": settings, "rows": rows}))
+        folders.append(folder)
+    runs = read_runs(folders)
+    assert {(r["eta"], r["repeat"], r["guidance"]) for r in runs} == {
+        (0.0, 0, 3.0), (0.0, 1, 3.0), (1.0, 0, 3.0), (1.0, 1, 3.0)
+    }  # fmt: skip
+    main(
+        tool_config(
+            "tables", f"runs=[{','.join(map(str, folders))}]", "metrics=[frechet]",
+            "paired=[0,1]", "scale={frechet: 1000}", "digits=2",
+        )
+    )  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "frechet (x 1e-03)" in printed
+    assert "| 5 | 2 | 3.00 ± 1.41 | 4.50 ± 2.12 | -1.50 ± 0.71 |" in printed
+    with pytest.raises(ValueError, match="one sampler at a time"):
+        table([{**runs[0], "sampler": "heun"}, *runs[1:]])

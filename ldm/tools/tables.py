@@ -1,6 +1,6 @@
-"""Steps x eta tables from ``evaluate.py`` runs: each metric's mean ± sd over the repeats
-(generation seeds), the paired difference of two eta values seed by seed, and a plot of
-the metric against the step count, one line per eta.
+"""Steps x eta tables from ``evaluate.py`` runs (or ``study.py`` runs, one per seed): each
+metric's mean ± sd over the repeats (generation seeds), the paired difference of two eta
+values seed by seed, and a plot of the metric against the step count, one line per eta.
 
     python -m ldm.tools.tables runs=[outputs/ddim_study/network-g1.0-few,\\
         outputs/ddim_study/network-g1.0-many] metrics=[fid,attr_joint] paired=[0,1] out=fid.png
@@ -26,9 +26,29 @@ def read_runs(paths: Sequence[str | Path]) -> Runs:
         if not file.is_file():
             raise FileNotFoundError(f"no results.json at {file} (evaluate.py writes it)")
         saved = json.loads(file.read_text())
+        if "settings" in saved:  # a study.py run: one seed, every step count
+            runs += _study_runs(saved)
+            continue
         checkpoint = Path(str(saved.get("meta", {}).get("checkpoint", ""))).stem
         runs += [{"checkpoint": checkpoint, **run} for run in saved["runs"]]
     return runs
+
+
+def _study_runs(saved: dict[str, Any]) -> Runs:
+    """The rows of a ``study.py`` results.json as runs: its seed the repeat, its sampler
+    options' eta (DDIM's default 0), its guidance (None: unconditional)."""
+    settings = saved["settings"]
+    return [
+        {
+            **row,
+            "eta": float(settings["sampler_options"].get(row["sampler"], {}).get("eta", 0.0)),
+            "guidance": settings.get("guidance"),
+            "repeat": settings["seed"],
+            "checkpoint": "",
+        }
+        for row in saved["rows"]
+        if row["sampler"] != "reference"
+    ]
 
 
 def _values(runs: Runs, metric: str, row: Any, eta: float, by: str = "steps") -> dict[int, float]:
@@ -65,9 +85,9 @@ def table(
     if by not in ("steps", "checkpoint"):
         raise ValueError(f"by={by!r}: rows are by steps or by checkpoint")
     etas = sorted({r["eta"] for r in runs})
-    guidance = sorted({r["guidance"] for r in runs})
-    if len(guidance) != 1:
-        raise ValueError(f"runs at guidance {guidance}: table one guidance scale at a time")
+    for key, what in (("guidance", "guidance scale"), ("sampler", "sampler")):
+        if len(values := sorted({str(r.get(key)) for r in runs})) != 1:
+            raise ValueError(f"runs of {key} {values}: table one {what} at a time")
     if by == "checkpoint" and len(steps := sorted({r["steps"] for r in runs})) != 1:
         raise ValueError(f"runs at steps {steps}: a table by checkpoint takes one step count")
     head = [f"eta = {eta:g}" for eta in etas]
@@ -135,8 +155,11 @@ def report(
     floors: dict[str, float] | None = None,
     out: str | Path | None = None,
     by: str = "steps",
+    scale: dict[str, float] | None = None,
+    digits: int = 1,
 ) -> None:
-    """Print each panel's table per metric (rows ``by`` steps or checkpoint); plot the first
+    """Print each panel's table per metric (rows ``by`` steps or checkpoint; a metric's
+    values times its ``scale``, attr_* in %) with ``digits`` decimals; plot the first
     metric against steps to ``out``."""
     if out and by != "steps":
         raise ValueError(f"out= plots against steps; leave it out for a table by {by}")
@@ -152,8 +175,11 @@ def report(
     for name, panel in grouped.items():
         for metric in metrics:
             percent = metric.startswith("attr_")
-            print(f"\n{name}: {metric}{' (%)' if percent else ''}, mean ± sd over repeats\n")
-            print(table(panel, metric, pair, scale=100.0 if percent else 1.0, by=by))
+            factor = (scale or {}).get(metric, 100.0 if percent else 1.0)
+            unit = " (%)" if percent and factor == 100 else f" (x {1 / factor:.0e})"
+            unit = "" if factor == 1 else unit
+            print(f"\n{name}: {metric}{unit}, mean ± sd over repeats\n")
+            print(table(panel, metric, pair, scale=factor, digits=digits, by=by))
     if out:
         plot(grouped, metrics[0], Path(out), {k: float(v) for k, v in (floors or {}).items()})
         print(f"\nwrote {out}")
