@@ -176,8 +176,13 @@ def report(
         for metric in metrics:
             percent = metric.startswith("attr_")
             factor = (scale or {}).get(metric, 100.0 if percent else 1.0)
-            unit = " (%)" if percent and factor == 100 else f" (x {1 / factor:.0e})"
-            unit = "" if factor == 1 else unit
+            unit = (
+                ""
+                if factor == 1
+                else " (%)"
+                if percent and factor == 100
+                else f" (x {1 / factor:.0e})"
+            )
             print(f"\n{name}: {metric}{unit}, mean ± sd over repeats\n")
             print(table(panel, metric, pair, scale=factor, digits=digits, by=by))
     if out:
