@@ -89,3 +89,18 @@ def test_the_guided_study_samples_classes_and_guidance_moves_them():
     assert abs(conditional.spread - plain.spread) < 0.05  # as unconditional sampling
     # guidance 3 keeps the classes but moves the samples off the data (the ODE's bias)
     assert guided.mode_tv < 0.03 and guided.frechet > 5 * conditional.frechet
+
+
+def test_study_py_passes_guidance_on(tmp_path):
+    from testutils import tool_config
+
+    from ldm.app.study import study
+
+    def frechet(*overrides):
+        out = tmp_path / "-".join(overrides or ("plain",))
+        cfg = tool_config("study", "samplers=[ddim]", "steps=[5]", "num_samples=500", *overrides)
+        study(cfg, out)
+        return [r["frechet"] for r in json.loads((out / "results.json").read_text())["rows"]]
+
+    plain, guided = frechet(), frechet("guidance=3.0")
+    assert plain[0] == guided[0] and plain[1] != guided[1]  # same reference, other samples
