@@ -53,6 +53,7 @@ class AutoencoderTraining(L.LightningModule):
         posterior_logvar_init: float | None = None,  # e.g. -8: start nearly deterministic
         gradient_clip_val: float | None = None,  # manual optimization clips here
         lr_scheduler: Callable[[Optimizer], Any] | None = None,  # a partial: opt -> scheduler
+        train_encoder: bool = True,  # False: decoder-only fine-tuning, the latents stay
         channels_last: bool = True,  # channels-last VAE weights (ldm.training.speed)
         compile: bool | str | Mapping[str, Any] = False,  # torch.compile encoder and decoder
         seed: int = 0,
@@ -86,6 +87,10 @@ class AutoencoderTraining(L.LightningModule):
         self.logvar = nn.Parameter(torch.tensor(float(logvar_init)))
         if posterior_logvar_init is not None:
             self._init_posterior_logvar(posterior_logvar_init)
+        if not train_encoder:  # SD's ft-MSE decoders: latent models trained on it still fit
+            for part in (vae.encoder, vae.quant_conv):
+                if part is not None:
+                    part.requires_grad_(False)
 
     @torch.no_grad()
     def _init_posterior_logvar(self, value: float) -> None:
@@ -214,7 +219,7 @@ class AutoencoderTraining(L.LightningModule):
             compile_network(self.vae.decoder, self.hparams.compile)
 
     def configure_optimizers(self) -> Any:
-        params = [*self.vae.parameters(), self.logvar]
+        params = [*(p for p in self.vae.parameters() if p.requires_grad), self.logvar]
         optimizers = [self.make_optimizer(params)]
         if self.discriminator is not None:
             optimizers.append(self.make_disc_optimizer(self.discriminator.parameters()))

@@ -1,7 +1,8 @@
 """Fine-tuning a trained model: base weights in, LoRA adapters on, only adapters trained.
 
 ``load_base`` fills a ``LatentDiffusion``'s networks from a checkpoint of ours (its EMA
-weights when it kept them), an original SD single file or a diffusers folder.
+weights when it kept them), an original SD single file or a diffusers folder; the
+autoencoder stage's VAE from any file ``load_vae`` reads.
 ``apply_lora`` freezes every network weight, injects adapters into the UNet (and, if
 asked, the text encoder) and leaves only the adapters trainable.
 """
@@ -21,6 +22,7 @@ from torch import nn
 from ldm.io import load_into
 from ldm.nn.lora import adapter_parameters, inject_from_config
 from ldm.pipeline import open_checkpoint
+from ldm.training.checkpoints import load_vae
 from ldm.training.ema import EMA
 
 log = logging.getLogger(__name__)
@@ -46,7 +48,12 @@ def load_base(
 ) -> list[str]:
     """Load base weights into ``module.networks`` and restart its EMA from them; returns
     the networks that got some. ``diffusion`` (the run's diffusion config) must match a
-    base of ours on DIFFUSION_KEYS."""
+    base of ours on DIFFUSION_KEYS. The autoencoder stage (a module with ``vae`` and no
+    ``networks``) gets the file's VAE, which must have the run's ``model/vae`` shape."""
+    if not hasattr(module, "networks"):
+        state = load_vae(path).state_dict()
+        load_into(module.vae, state, what=f"the VAE of {path} (match model/vae to it)")
+        return ["vae"]
     loaded = _load_base(module, Path(path), diffusion)
     restart_ema(module)  # else the average would start from the random initialisation
     return loaded

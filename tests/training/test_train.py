@@ -59,6 +59,26 @@ def test_vae_stage_with_the_discriminator(tmp_path):
     assert trainer.global_step == 4  # two steps alone, then the discriminator too: 2 + 2 x 1
 
 
+def test_vae_fine_tuning_from_a_base_trains_the_decoder_only(vae_checkpoint, tmp_path):
+    overrides = [f"base={vae_checkpoint}", "task.train_encoder=false", "task.discriminator=null"]
+    cfg = compose_train(tmp_path, "task=vae", *overrides, *VAE_EXTRA)
+    base = load_vae(vae_checkpoint).state_dict()
+    module, _, _ = build(cfg, tmp_path)
+    assert all(torch.equal(v, base[k]) for k, v in module.vae.state_dict().items())
+    train(cfg, tmp_path)
+    tuned = load_vae(tmp_path / "checkpoints" / "last.ckpt").state_dict()
+    encoder = [k for k in base if k.startswith(("encoder.", "quant_conv."))]
+    assert encoder and all(torch.equal(tuned[k], base[k]) for k in encoder)
+    decoder = [k for k in base if k.startswith("decoder.")]
+    assert sum(not torch.equal(tuned[k], base[k]) for k in decoder) > len(decoder) // 2
+
+
+def test_vae_base_of_another_shape_is_refused_naming_model_vae(vae_checkpoint, tmp_path):
+    cfg = compose_train(tmp_path, "task=vae", f"base={vae_checkpoint}", "model.vae.base_channels=8")
+    with pytest.raises(ValueError, match=r"shape mismatch.*match model/vae"):
+        build(cfg, tmp_path)
+
+
 def test_sample_from_a_stable_diffusion_single_file(tmp_path):
     from ldm.io import save_safetensors
     from ldm.models.unet import UNet
