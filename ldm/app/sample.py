@@ -30,14 +30,15 @@ from ldm.io import WeightsFileError
 from ldm.models.textual_inversion import load_embeddings
 from ldm.nn.lora import load_adapter, merge_adapters
 from ldm.pipeline import Checkpoint, Pipeline, open_checkpoint, step_generators
+from ldm.training.checkpoints import load_vae
 
 log = logging.getLogger(__name__)
 
 
 def load_model(cfg: DictConfig, checkpoint: Checkpoint | None = None) -> Pipeline:
     """The pipeline of the model ``cfg.checkpoint`` names (or of ``checkpoint``, opened
-    already), with ``cfg.adapters`` and ``cfg.embeddings``, on ``cfg.device``, in eval
-    mode. Our checkpoints bring their schedule and conditioner: ``cfg.diffusion`` and
+    already), with ``cfg.vae``, ``cfg.adapters`` and ``cfg.embeddings``, on ``cfg.device``,
+    in eval mode. Our checkpoints bring their schedule and conditioner: ``cfg.diffusion`` and
     ``cfg.model`` are for the other formats."""
     checkpoint = checkpoint or open_checkpoint(cfg.checkpoint)
     given = {}
@@ -48,6 +49,8 @@ def load_model(cfg: DictConfig, checkpoint: Checkpoint | None = None) -> Pipelin
             prediction=cfg.diffusion.prediction,
         )
     pipeline = Pipeline.from_checkpoint(checkpoint, ema=cfg.ema, image_size=cfg.image_size, **given)
+    if cfg.get("vae"):  # another decoder of the same latents (a decoder fine-tune)
+        pipeline.swap_vae(load_vae(cfg.vae))
     for path in cfg.get("embeddings") or []:  # textual-inversion tokens
         load_embeddings(pipeline.conditioner, path)
     for index, spec in enumerate(cfg.get("adapters") or []):  # LoRA files

@@ -75,6 +75,23 @@ class Pipeline:
             (size, size) if isinstance(size, int) else (int(size[0]), int(size[1])),
         ).eval()
 
+    def swap_vae(self, vae: nn.Module) -> Pipeline:
+        """Decode with ``vae`` instead (a decoder fine-tuned for the same latents, as SD's
+        vae-ft-mse): it takes the model's latent scale and shift, and must have its latent
+        channels and downsampling factor."""
+        if self.vae is None:
+            raise ValueError("this model diffuses pixels: it has no VAE to replace")
+        ours = (self.vae.latent_channels, self.vae.downsample_factor)
+        if (vae.latent_channels, vae.downsample_factor) != ours:
+            raise ValueError(
+                f"the replacement VAE makes {vae.latent_channels}-channel latents at "
+                f"f = {vae.downsample_factor}; this model's are {ours[0]}-channel at "
+                f"f = {ours[1]}: give a VAE of the model's latent space"
+            )
+        vae.scale_factor, vae.shift_factor = self.vae.scale_factor, self.vae.shift_factor
+        self.vae = vae.to(self.device).eval()
+        return self
+
     @property
     def device(self) -> torch.device:
         """Where its weights are (an exact denoiser has none: then the VAE's)."""

@@ -19,7 +19,10 @@ from trainutils import CONF, ROOT, TINY, TINY_ANY_DATA, compose_train
 
 from ldm.app.sample import load_model, sample
 from ldm.app.train import build, train
-from ldm.pipeline import CONFIG_KEY, open_checkpoint
+from ldm.diffusion.samplers import make_sampler
+from ldm.diffusion.schedules import make_schedule
+from ldm.models.vae import AutoencoderKL
+from ldm.pipeline import CONFIG_KEY, Pipeline, open_checkpoint
 from ldm.training.checkpoints import load_checkpoint, load_vae
 
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
@@ -66,11 +69,40 @@ def test_vae_fine_tuning_from_a_base_trains_the_decoder_only(vae_checkpoint, tmp
     module, _, _ = build(cfg, tmp_path)
     assert all(torch.equal(v, base[k]) for k, v in module.vae.state_dict().items())
     train(cfg, tmp_path)
-    tuned = load_vae(tmp_path / "checkpoints" / "last.ckpt").state_dict()
+    tuned_file = tmp_path / "checkpoints" / "last.ckpt"
+    tuned = load_vae(tuned_file).state_dict()
     encoder = [k for k in base if k.startswith(("encoder.", "quant_conv."))]
     assert encoder and all(torch.equal(tuned[k], base[k]) for k in encoder)
     decoder = [k for k in base if k.startswith("decoder.")]
     assert sum(not torch.equal(tuned[k], base[k]) for k in decoder) > len(decoder) // 2
+
+    # A diffusion model trained on the base VAE's latents decodes them with the new decoder.
+    run = tmp_path / "ldm"
+    train(compose_train(run, f"vae_checkpoint={vae_checkpoint}"), run)
+    overrides = [f"checkpoint={run / 'checkpoints' / 'last.ckpt'}"]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        plain = load_model(compose("sample", overrides=overrides))
+        swapped = load_model(compose("sample", overrides=[*overrides, f"vae={tuned_file}"]))
+    assert swapped.vae.scale_factor == plain.vae.scale_factor is not None
+    assert all(torch.equal(v, tuned[k]) for k, v in swapped.vae.state_dict().items())
+    ddim = make_sampler("ddim", steps=2)
+    latents = [p.generate(["a red circle"], ddim, decode=False) for p in (plain, swapped)]
+    assert torch.equal(*latents)  # the same model and latents, decoded differently
+    images = [p.generate(["a red circle"], ddim) for p in (plain, swapped)]
+    assert not torch.equal(*images)
+
+
+def test_a_replacement_vae_of_another_latent_space_is_refused():
+    def vae(latent_channels):
+        return AutoencoderKL(base_channels=32, channel_multipliers=[1, 2], blocks_per_level=1,
+                             latent_channels=latent_channels, scale_factor=0.5)  # fmt: skip
+
+    pipeline = Pipeline(torch.nn.Identity(), None, vae(4), make_schedule("linear"))
+    with pytest.raises(ValueError, match="8-channel latents at f = 2; this model's are 4"):
+        pipeline.swap_vae(vae(8))
+    assert pipeline.swap_vae(vae(4)).vae.scale_factor == 0.5
+    with pytest.raises(ValueError, match="no VAE to replace"):
+        Pipeline(torch.nn.Identity(), None, None, make_schedule("linear")).swap_vae(vae(4))
 
 
 def test_vae_base_of_another_shape_is_refused_naming_model_vae(vae_checkpoint, tmp_path):
@@ -82,7 +114,6 @@ def test_vae_base_of_another_shape_is_refused_naming_model_vae(vae_checkpoint, t
 def test_sample_from_a_stable_diffusion_single_file(tmp_path):
     from ldm.io import save_safetensors
     from ldm.models.unet import UNet
-    from ldm.models.vae import AutoencoderKL
 
     unet = UNet(model_channels=32, channel_multipliers=[1], attention_levels=[0], context_dim=128)
     vae = AutoencoderKL(base_channels=32, channel_multipliers=[1, 2], blocks_per_level=1)
