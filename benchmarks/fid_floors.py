@@ -6,6 +6,10 @@ latent model cannot beat the second (its VAE's round trip) by much. Both give th
 which a study's FIDs are to be read.
 
     .venv/bin/python benchmarks/fid_floors.py REFERENCE.safetensors --vae VAE.ckpt [--n 500]
+    .venv/bin/python benchmarks/fid_floors.py CACHE_DIR --data shapes --vae VAE.ckpt --n 1000
+
+Given a folder instead of a file, the reference is that of ``--data``'s ``val`` split (``--n``
+images), made there as evaluate.py and the FID callback make it, or reused from there.
 
 Several ``--vae`` checkpoints (say every 1000 steps of one run) give the reconstruction
 floor's curve against training: the real-image floor is computed once.
@@ -24,15 +28,19 @@ sys.path.insert(0, str(ROOT))
 
 
 def main() -> None:
+    from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
     from ldm.metrics.extractors import make_extractor, to_uint8
-    from ldm.metrics.reference import read_reference
+    from ldm.metrics.reference import read_reference, reference_features, source_config
     from ldm.metrics.scores import GenerativeMetrics
     from ldm.training.checkpoints import load_vae
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("reference", help="a reference-*.safetensors of evaluate.py")
+    parser.add_argument(
+        "reference", help="a reference-*.safetensors of evaluate.py, or a folder of them"
+    )
+    parser.add_argument("--data", default="shapes", help="conf/data: the reference, for a folder")
     parser.add_argument(
         "--vae", required=True, nargs="+", help="the VAE checkpoint(s) of the study's model"
     )
@@ -42,13 +50,21 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=50)
     args = parser.parse_args()
 
-    reference, provenance = read_reference(args.reference)
+    extractor = make_extractor(args.extractor)
+    if Path(args.reference).is_dir():
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            data = instantiate(compose("train", overrides=[f"data={args.data}"]).data)
+        reference, provenance, _ = reference_features(
+            data.dataset("val"), extractor, dataset_config=source_config(data.factory),
+            split="val", count=args.n, cache_dir=args.reference,
+        )  # fmt: skip
+    else:
+        reference, provenance = read_reference(args.reference)
     # the reference's dataset, as a factory or not: built for --split
     source = {k: v for k, v in provenance["dataset"].items() if k != "_partial_"}
     dataset = instantiate(source, split=args.split)
     if args.split == provenance["split"]:
         sys.exit(f"--split {args.split} is the reference's own split: pick another one")
-    extractor = make_extractor(args.extractor)
     for name, path in [("real images", None)] + [("VAE reconstructions", v) for v in args.vae]:
         vae = load_vae(path).eval() if path else None
         metrics = GenerativeMetrics(reference, kid_subset_size=args.n)
