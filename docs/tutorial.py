@@ -107,19 +107,19 @@ for name, steps in (("ddpm", 50), ("ddim", 20)):
 # ## 3. FID against held-out images, by step count
 #
 # `evaluate.py` scores a grid of sampler settings against the held-out split, with the
-# bundled InceptionV3. 48 samples give a very biased FID (compare only at equal n); real
+# bundled InceptionV3. 32 samples give a very biased FID (compare only at equal n); real
 # studies use 1,000 or more and several seeds (`repeats=`).
 
 # %%
-run("-m", "ldm.evaluate", f"checkpoint={checkpoint}", "num_samples=48", "attributes=false",
-    "grid.steps=[5,10,25]", "grid.samplers=[{name:ddim,eta:[0.0,1.0]}]",
+run("-m", "ldm.evaluate", f"checkpoint={checkpoint}", "num_samples=32", "attributes=false",
+    "grid.steps=[5,20]", "grid.samplers=[{name:ddim,eta:[0.0,1.0]}]",
     f"hydra.run.dir={work}/eval")  # fmt: skip
 rows = json.loads((work / "eval" / "results.json").read_text())["rows"]
 for eta in (0.0, 1.0):
     points = sorted((r["steps"], r["fid"]) for r in rows if r["eta"] == eta)
     plt.plot(*zip(*points, strict=True), marker="o", label=f"DDIM, eta = {eta}")
 plt.xlabel("steps")
-plt.ylabel("FID (n = 48)")
+plt.ylabel("FID (n = 32)")
 plt.legend()
 plt.show()
 

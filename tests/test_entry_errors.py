@@ -3,11 +3,10 @@ no traceback, no advice to load unsafely, and a code-carrying file never runs.""
 
 import os
 import pickle
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from testutils import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 PWNED = "/tmp/ldm_entry_pwned"
@@ -52,9 +51,7 @@ def test_a_bad_weights_file_is_one_line_naming_it(tool, tmp_path):
     bad = _bad(tmp_path, kind)
     args = command.format(bad=bad, tmp=tmp_path).split()
     env = {**os.environ, "LDM_OUTPUT_DIR": str(tmp_path / "outputs")}
-    done = subprocess.run(
-        [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
-    )
+    done = run_cli(args, cwd=ROOT, env=env)
     lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert done.returncode != 0 and len(lines) == 1, done.stderr[-3000:]
     assert str(bad) in lines[0], lines[0]

@@ -1,7 +1,79 @@
 """Helpers shared by test modules (importable because pyproject puts tests/ on sys.path)."""
 
+import os
+import runpy
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
 import torch
 from torch import nn
+
+
+def run_cli(
+    args: list[str], cwd: Path, env: dict[str, str], timeout: float = 120, fork: bool = True
+) -> subprocess.CompletedProcess:
+    """``python *args`` (a script and its arguments, or ``-m module ...``) in a forked child
+    of this test process: the real entry point with its own cwd, environment, argv, exit
+    code and output, without a new interpreter's imports (torch, Lightning and torchmetrics
+    take about 10 s on a slow core), on one thread. ``fork=False``: a new interpreter, for
+    what must start afresh (multi-process launches hang in a fork of a pytest worker)."""
+    if not fork:
+        return subprocess.run(
+            [sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True,
+            timeout=timeout,
+        )  # fmt: skip
+    with tempfile.TemporaryDirectory() as folder:
+        out, err = Path(folder, "stdout"), Path(folder, "stderr")
+        pid = os.fork()
+        if pid == 0:  # the child: never returns into pytest
+            code = 1
+            try:
+                for fd, path in ((1, out), (2, err)):
+                    os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+                sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
+                sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+                os.chdir(cwd)
+                os.environ.clear()
+                os.environ.update(env)
+                torch.set_num_threads(1)  # OpenMP's threads of this process are not forked
+                from hydra.core.global_hydra import GlobalHydra
+
+                GlobalHydra.instance().clear()
+                if args[0] == "-m":
+                    sys.argv = [args[1], *args[2:]]
+                    runpy.run_module(args[1], run_name="__main__", alter_sys=True)
+                else:
+                    sys.argv = list(args)
+                    runpy.run_path(args[0], run_name="__main__")
+                code = 0
+            except SystemExit as stop:  # as the interpreter treats it
+                if stop.code is None or isinstance(stop.code, int):
+                    code = stop.code or 0
+                else:
+                    print(stop.code, file=sys.stderr)
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        deadline = time.monotonic() + timeout
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if time.monotonic() > deadline:
+                os.kill(pid, 9)
+                os.waitpid(pid, 0)
+                raise subprocess.TimeoutExpired(args, timeout)
+            time.sleep(0.05)
+        return subprocess.CompletedProcess(
+            args, os.waitstatus_to_exitcode(status), out.read_text(), err.read_text()
+        )
 
 
 def randomize(module: nn.Module, seed: int = 0) -> nn.Module:

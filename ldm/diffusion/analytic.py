@@ -101,7 +101,10 @@ class GaussianMixture:
         mixture where the label is -1."""
         x = x_t.double()
         weights, means, stds = (p.to(x.device) for p in (self.weights, self.means, self.stds))
-        a, s = vp_coefficients(alpha_bar, x)  # (B, 1) or scalars
+        if torch.is_tensor(alpha_bar) and alpha_bar.ndim == 1 and len(alpha_bar) > 1:
+            if bool((alpha_bar == alpha_bar[0]).all()):  # one timestep: (K, D) variances only
+                alpha_bar = alpha_bar[:1]
+        a, s = vp_coefficients(alpha_bar, x)  # (B or 1, 1)
         a, s = a.reshape(-1, 1, 1), s.reshape(-1, 1, 1)  # (B or 1, 1, 1)
         var0 = stds[None] ** 2  # (1, K, D)
         var_t = a**2 * var0 + s**2  # (B or 1, K, D)

@@ -98,6 +98,8 @@ class Schedule:
         """
         t = torch.as_tensor(t, dtype=torch.float64)
         flat = t.detach().cpu().reshape(-1)
+        if len(flat) > 1 and bool((flat == flat[0]).all()):  # a sampler's batch: one timestep
+            return self.alphas_cumprod_at(flat[:1]).expand(t.shape).contiguous().to(t.device)
         last = self.num_train_timesteps - 1
         integer = flat == flat.round()
         if bool(((flat < -1) | (flat > last) | (~integer & (flat < 0))).any()):

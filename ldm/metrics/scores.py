@@ -221,15 +221,16 @@ def bootstrap_fid(
     estimate = float(frechet_distance(mu_real, sigma_real, fake.mean(0), torch.cov(fake.T)))
     mu_real, sigma_real = mu_real.double(), sigma_real.double()
     # tr sqrt(S_r S_f) = the nuclear norm of X S_r^(1/2) / sqrt(n - 1), X the centred
-    # features: a symmetric (n, n) eigenproblem per resample instead of a general (d, d) one.
+    # features: a symmetric eigenproblem per resample, (n, n) or (d, d), whichever is smaller,
+    # instead of a general (d, d) one.
     values, root = [], _psd_sqrt(sigma_real)
-    n = len(fake)
+    n, d = fake.shape
     for _ in range(resamples):
         chosen = fake[torch.randint(n, (n,), generator=generator).to(fake.device)]
         mean = chosen.mean(0)
         centred = chosen - mean
-        projected = centred @ root  # (n, d); its singular values via the (n, n) Gram matrix
-        gram = projected @ projected.T
+        projected = centred @ root  # (n, d); its singular values via a Gram matrix
+        gram = projected @ projected.T if n <= d else projected.T @ projected
         root_trace = torch.linalg.eigvalsh(gram).clamp(min=0).sqrt().sum() / (n - 1) ** 0.5
         trace_fake = centred.square().sum() / (n - 1)
         distance = (mu_real - mean).square().sum() + sigma_real.trace() + trace_fake

@@ -17,11 +17,17 @@ from ldm.metrics.attributes import (
 
 # Small enough for a few seconds here; the default settings reach 100% (docs/evaluation.md).
 TINY = {"train_count": 4000, "held_out_count": 600, "epochs": 8, "lr": 5e-3}
+pytestmark = pytest.mark.xdist_group("attributes")  # one worker: the judge is trained once
 
 
 @pytest.fixture(scope="module")
-def judge(tmp_path_factory):
-    return shapes_judge(16, tmp_path_factory.mktemp("cache"), **TINY)
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def judge(cache):
+    return shapes_judge(16, cache, **TINY)
 
 
 def test_captions_name_exactly_what_the_images_show():
@@ -51,23 +57,21 @@ def test_real_images_score_at_the_ceiling_and_shuffled_captions_near_chance(judg
     assert score["joint"] < 0.05
 
 
-def test_the_classifier_is_cached_by_its_training_images_and_settings(judge, tmp_path, monkeypatch):
-    first = shapes_judge(16, tmp_path, **TINY)
-
+def test_the_classifier_is_cached_by_its_training_images_and_settings(judge, cache, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("trained again instead of loading the cache")
 
     monkeypatch.setattr(attributes, "train_classifier", refuse)
-    again = shapes_judge(16, tmp_path, **TINY)
+    again = shapes_judge(16, cache, **TINY)  # the fixture trained it into this folder
     images, _, _ = shapes_images("test", 64, 16)
-    assert again.ceiling == first.ceiling
+    assert again.ceiling == judge.ceiling
     for name in SHAPE_ATTRIBUTES:
         assert torch.equal(
-            again.classifier.predict(images)[name], first.classifier.predict(images)[name]
+            again.classifier.predict(images)[name], judge.classifier.predict(images)[name]
         )
     with pytest.raises(AssertionError, match="trained again"):  # other settings: a new one
-        shapes_judge(16, tmp_path, **(TINY | {"epochs": 1}))
-    assert len(list(tmp_path.glob("attributes-*.safetensors"))) == 1
+        shapes_judge(16, cache, **(TINY | {"epochs": 1}))
+    assert len(list(cache.glob("attributes-*.safetensors"))) == 1
 
 
 def test_training_is_deterministic(tmp_path):

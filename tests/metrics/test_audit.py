@@ -4,7 +4,6 @@ and ``evaluate.py audit=shapes|clip`` end to end on a tiny model."""
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from ldm.metrics.clip import OpenCLIPScore
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "training"))
+from testutils import run_cli  # noqa: E402
 from trainutils import compose_train  # noqa: E402
 
 TINY_CLIP = {
@@ -223,13 +223,10 @@ def test_evaluate_audits_any_caption_data_with_clip_zero_shot_labels(checkpoint,
     ],
 )
 def test_bad_audit_settings_are_one_line_before_any_work(args, message, tmp_path):
-    done = subprocess.run(
-        [sys.executable, "evaluate.py", "checkpoint=unread.ckpt", *args],
+    done = run_cli(
+        ["evaluate.py", "checkpoint=unread.ckpt", *args],
         cwd=ROOT,
         env={**os.environ, "LDM_OUTPUT_DIR": str(tmp_path)},
-        capture_output=True,
-        text=True,
-        timeout=120,
     )
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith(message), done.stderr[-2000:]

@@ -50,9 +50,7 @@ def test_clean_mode_gives_clean_fids_fid():
     fid = float(metrics.compute()["fid"])
     assert fid == pytest.approx(_their_fid(*theirs), rel=1e-4)
     assert "clean-fid" in extractor.provenance["resize"]
-    # The resize matters: torchmetrics' bilinear resize scores the same images otherwise.
-    default = make_extractor("torchscript:fid-helper")
+    # The resize matters: torchmetrics' bilinear resize gives the same images other features.
     with torch.no_grad():
-        metrics = GenerativeMetrics(default.features(real), kid_subset_size=N, pr_k=None)
-        metrics.update(default.features(fake), torch.arange(N))
-    assert abs(float(metrics.compute()["fid"]) - fid) > 1e-3 * fid
+        default = make_extractor("torchscript:fid-helper").features(real)
+    assert (default - ours[0]).norm() > 1e-2 * ours[0].norm()

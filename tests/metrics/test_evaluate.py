@@ -4,7 +4,6 @@ KID from 1 and 2 processes, and the FID callback during training."""
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from ldm.app.train import train
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "training"))
+from testutils import run_cli  # noqa: E402
 from trainutils import compose_train  # noqa: E402
 
 DATA = ["data.dataset.size=16", "data.dataset.num_samples=[64,16,16]"]
@@ -120,14 +120,9 @@ def _evaluate_cli(tmp_path, checkpoint, name, *extra):
     ]
     args += ["grid.samplers=[ddpm,ddim]", "grid.steps=[3]", "attributes=true", *extra]
     args += [f"attribute_classifier={SMALL_CLASSIFIER}"]
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "evaluate.py"), *args],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    fork = not any(a.startswith("fabric.devices=") for a in extra)
+    command = [str(ROOT / "evaluate.py"), *args]
+    done = run_cli(command, cwd=tmp_path, env=env, timeout=300, fork=fork)
     assert done.returncode == 0, done.stderr[-3000:]
     return {
         r["sampler"]: r for r in json.loads((tmp_path / name / "results.json").read_text())["rows"]

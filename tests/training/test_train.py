@@ -4,8 +4,6 @@ the NaN guard, SIGTERM, every config, a multirun, and DDP against one process.""
 import json
 import os
 import signal
-import subprocess
-import sys
 
 import lightning as L
 import numpy as np
@@ -15,6 +13,7 @@ from hydra import compose, initialize_config_dir
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf.errors import OmegaConfBaseException
 from PIL import Image
+from testutils import run_cli
 from trainutils import CONF, ROOT, TINY, TINY_ANY_DATA, compose_train
 
 from ldm.app.sample import load_model, sample
@@ -424,10 +423,9 @@ def _run_cli(tmp_path, *args, timeout=300):
     }
     flags = [a for a in args if a.startswith("-")]  # -m first: Hydra's flags precede overrides
     overrides = [a for a in args if not a.startswith("-")]
-    command = [sys.executable, str(ROOT / "train.py"), *flags, *TINY, *overrides]
-    done = subprocess.run(
-        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout
-    )
+    command = [str(ROOT / "train.py"), *flags, *TINY, *overrides]
+    fork = "trainer=ddp_cpu" not in args
+    done = run_cli(command, cwd=tmp_path, env=env, timeout=timeout, fork=fork)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
