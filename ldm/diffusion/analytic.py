@@ -101,9 +101,9 @@ class GaussianMixture:
         mixture where the label is -1."""
         x = x_t.double()
         weights, means, stds = (p.to(x.device) for p in (self.weights, self.means, self.stds))
-        if torch.is_tensor(alpha_bar) and alpha_bar.ndim == 1 and len(alpha_bar) > 1:
-            if bool((alpha_bar == alpha_bar[0]).all()):  # one timestep: (K, D) variances only
-                alpha_bar = alpha_bar[:1]
+        uniform = torch.is_tensor(alpha_bar) and alpha_bar.ndim == 1 and len(alpha_bar) > 1
+        if uniform and bool((alpha_bar == alpha_bar[0]).all()):  # one timestep: (K, D) only
+            alpha_bar = alpha_bar[:1]
         a, s = vp_coefficients(alpha_bar, x)  # (B or 1, 1)
         a, s = a.reshape(-1, 1, 1), s.reshape(-1, 1, 1)  # (B or 1, 1, 1)
         var0 = stds[None] ** 2  # (1, K, D)

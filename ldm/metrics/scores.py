@@ -6,7 +6,8 @@ generated samples' states are order-free sums (FID, CLIP score) and their featur
 gathered with each sample's global index and sorted before KID (Binkowski et al. 2018) and
 IS (Salimans et al. 2016) draw their seeded subsets and splits: 1 or N processes give the
 same numbers for the same samples. FID (Heusel et al. 2017) is computed in float64 as
-torchmetrics computes it, ``|mu1 - mu2|^2 + tr S1 + tr S2 - 2 sum sqrt(eig(S1 S2))``.
+torchmetrics computes it, ``|mu1 - mu2|^2 + tr S1 + tr S2 - 2 sum sqrt(eig(S1 S2))``, or,
+where a set has fewer samples than features, from the equal (n, n) symmetric eigenproblem.
 Precision and recall are Kynkäänniemi et al. (2019)'s k-nearest-neighbour manifolds.
 """
 
@@ -27,6 +28,27 @@ def frechet_distance(mu1: Tensor, sigma1: Tensor, mu2: Tensor, sigma2: Tensor) -
     mu1, sigma1, mu2, sigma2 = (t.double() for t in (mu1, sigma1, mu2, sigma2))
     root_trace = torch.linalg.eigvals(sigma1 @ sigma2).sqrt().real.sum()
     return (mu1 - mu2).square().sum() + sigma1.trace() + sigma2.trace() - 2 * root_trace
+
+
+def frechet_distance_of_features(real: Tensor, fake: Tensor) -> Tensor:
+    """``frechet_distance`` of the Gaussians fitted to two feature sets (N, D) and (M, D),
+    float64. Where a set has no more samples than features (n <= D: FID at n = 1,000 on
+    2048-d Inception features), ``tr sqrt(S1 S2)`` comes from the symmetric (n, n) matrix
+    ``C S_other C^T / (n - 1)`` (C that set's centred features; its eigenvalues are the
+    nonzero ones of ``S1 S2``) instead of a general (D, D) eigenproblem: the same number,
+    fractions of a second instead of seconds."""
+    real, fake = real.double(), fake.double()
+    small, other = (real, fake) if len(real) <= len(fake) else (fake, real)
+    n, dim = small.shape
+    if n > dim:
+        return frechet_distance(real.mean(0), torch.cov(real.T), fake.mean(0), torch.cov(fake.T))
+    centred = small - small.mean(0)
+    sigma_other = torch.cov(other.T)
+    product = centred @ sigma_other @ centred.T / (n - 1)
+    root_trace = torch.linalg.eigvalsh((product + product.T) / 2).clamp(min=0).sqrt().sum()
+    trace_small = centred.square().sum() / (n - 1)
+    mean_gap = (real.mean(0) - fake.mean(0)).square().sum()
+    return mean_gap + trace_small + sigma_other.trace() - 2 * root_trace
 
 
 CMMD_SIGMA, CMMD_SCALE = 10.0, 1000.0  # Jayasumana et al. 2024
@@ -172,13 +194,12 @@ class GenerativeMetrics(Metric):
             return self._clip()
         real = self.reference
         mu_r, sigma_r = real.mean(0), torch.cov(real.T)
-        mu_f, sigma_f = _moments(self.total, self.outer, self.count)
-        out = {
-            "n_real": float(len(real)),
-            "n_fake": float(self.count),
-            "fid": float(frechet_distance(mu_r, sigma_r, mu_f, sigma_f)),
-        }
         fake = self._ordered(self.features)
+        if min(len(real), len(fake)) <= real.shape[1]:  # the (n, n) route
+            fid = frechet_distance_of_features(real, fake)
+        else:
+            fid = frechet_distance(mu_r, sigma_r, *_moments(self.total, self.outer, self.count))
+        out = {"n_real": float(len(real)), "n_fake": float(self.count), "fid": float(fid)}
         generator = torch.Generator().manual_seed(self.seed)
         size = min(self.kid_subset_size, len(real), len(fake))
         if size >= 2:

@@ -43,6 +43,21 @@ def test_fid_matches_the_formula_and_identical_sets_give_zero():
     assert abs(scores(real, real)["fid"]) < 1e-6
 
 
+@pytest.mark.parametrize("n_real,n_fake", [(300, 40), (40, 300), (40, 25)])
+def test_fid_from_fewer_samples_than_features_is_the_same_number(n_real, n_fake):
+    """The (n, n) route where a set has fewer samples than its 64 features."""
+    from ldm.metrics.scores import frechet_distance
+
+    g = torch.Generator().manual_seed(4)
+    mix = torch.eye(64) + 0.3 * torch.randn(64, 64, generator=g)
+    real = torch.randn(n_real, 64, generator=g, dtype=torch.float64)
+    fake = torch.randn(n_fake, 64, generator=g, dtype=torch.float64) @ mix.double() + 0.1
+    ours = scores(real, fake)["fid"]
+    general = frechet_distance(real.mean(0), torch.cov(real.T), fake.mean(0), torch.cov(fake.T))
+    assert ours == pytest.approx(float(general), rel=1e-7)
+    assert ours == pytest.approx(reference_fid(real, fake), rel=1e-6)
+
+
 def test_kid_and_is_do_not_depend_on_order_or_batching():
     g = torch.Generator().manual_seed(1)
     real, fake = torch.randn(300, 16, generator=g), torch.randn(200, 16, generator=g) + 0.5
