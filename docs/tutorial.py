@@ -16,7 +16,7 @@
 #
 # Train a tiny latent diffusion pipeline on the built-in `shapes` data, sample it with DDPM
 # and DDIM, score FID against held-out images at several step counts, fine-tune a LoRA, and
-# call the HTTP service — in about three minutes on two CPU cores.
+# call the HTTP service — in three to five minutes on two CPU cores.
 #
 # The models are trained for a few hundred steps only, so the samples are blobs of roughly
 # the right colour: the point is the workflow. `make quickstart` trains the same recipe
