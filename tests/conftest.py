@@ -20,13 +20,35 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))  # the tests' subprocesses too
 
 
+@pytest.hookimpl(trylast=True)  # after pytest-xdist's own tagging
 def pytest_collection_modifyitems(config, items):
+    _tag_xdist_groups(config, items)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def _tag_xdist_groups(config, items) -> None:
+    """``--dist loadgroup`` sends a group's tests to one worker by reading "@<group>" at the
+    end of their node ids, which pytest-xdist (3.8) writes into ``item._nodeid``; pytest 9
+    derives node ids from ``item._id`` instead, so the groups were silently ignored (each
+    worker started its own servers and trained its own judge). Write the tag where pytest
+    reads it."""
+    if not getattr(config.option, "loadgroup", False):
+        return
+    for item in items:
+        names = {
+            str(mark.args[0] if mark.args else mark.kwargs.get("name", "default"))
+            for mark in item.iter_markers("xdist_group")
+        }
+        tag = "@" + "_".join(sorted(names))
+        if names and not item.nodeid.endswith(tag):
+            from _pytest.nodeid import coerce_node_id  # pytest >= 9 only
+
+            item._id = coerce_node_id(item.nodeid + tag)
 
 
 @pytest.fixture

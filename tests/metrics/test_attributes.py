@@ -20,12 +20,12 @@ TINY = {"train_count": 4000, "held_out_count": 600, "epochs": 8, "lr": 5e-3}
 pytestmark = pytest.mark.xdist_group("attributes")  # one worker: the judge is trained once
 
 
-@pytest.fixture(scope="session")  # a worker may run other modules' tests in between
+@pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("cache")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def judge(cache):
     return shapes_judge(16, cache, **TINY)
 

@@ -27,6 +27,7 @@ CLASS = "a large red circle in the center on a white background"
 INSTANCE = "a large sks circle in the center on a white background"
 # v prediction: a briefly trained tiny model samples far more sensibly with few steps.
 DIFFUSION = "diffusion.prediction=v"
+pytestmark = pytest.mark.xdist_group("recipes")  # one worker: the base model is trained once
 
 
 @pytest.fixture(scope="module")
