@@ -238,24 +238,26 @@ def bootstrap_fid(
     ``(2 F - q97.5, 2 F - q2.5)``, which corrects for resamples scoring worse than the set
     itself (repeated samples shrink the covariance; FID's bias grows as n shrinks)."""
     generator = torch.Generator().manual_seed(seed)
-    fake = fake.double()
-    estimate = float(frechet_distance(mu_real, sigma_real, fake.mean(0), torch.cov(fake.T)))
-    mu_real, sigma_real = mu_real.double(), sigma_real.double()
+    fake, mu_real, sigma_real = fake.double(), mu_real.double(), sigma_real.double()
     # tr sqrt(S_r S_f) = the nuclear norm of X S_r^(1/2) / sqrt(n - 1), X the centred
     # features: a symmetric eigenproblem per resample, (n, n) or (d, d), whichever is smaller,
     # instead of a general (d, d) one.
-    values, root = [], _psd_sqrt(sigma_real)
+    root = _psd_sqrt(sigma_real)
     n, d = fake.shape
-    for _ in range(resamples):
-        chosen = fake[torch.randint(n, (n,), generator=generator).to(fake.device)]
+
+    def distance(chosen: Tensor) -> float:
         mean = chosen.mean(0)
         centred = chosen - mean
         projected = centred @ root  # (n, d); its singular values via a Gram matrix
         gram = projected @ projected.T if n <= d else projected.T @ projected
         root_trace = torch.linalg.eigvalsh(gram).clamp(min=0).sqrt().sum() / (n - 1) ** 0.5
         trace_fake = centred.square().sum() / (n - 1)
-        distance = (mu_real - mean).square().sum() + sigma_real.trace() + trace_fake
-        values.append(float(distance - 2 * root_trace))
+        gap = (mu_real - mean).square().sum()
+        return float(gap + sigma_real.trace() + trace_fake - 2 * root_trace)
+
+    estimate = distance(fake)
+    draws = (torch.randint(n, (n,), generator=generator) for _ in range(resamples))
+    values = [distance(fake[chosen.to(fake.device)]) for chosen in draws]
     quantiles = torch.tensor([0.025, 0.975], dtype=torch.float64)
     low, high = torch.tensor(values, dtype=torch.float64).quantile(quantiles).tolist()
     return 2 * estimate - high, 2 * estimate - low
