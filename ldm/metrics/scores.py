@@ -7,7 +7,7 @@ gathered with each sample's global index and sorted before KID (Binkowski et al.
 IS (Salimans et al. 2016) draw their seeded subsets and splits: 1 or N processes give the
 same numbers for the same samples. FID (Heusel et al. 2017) is computed in float64 as
 torchmetrics computes it, ``|mu1 - mu2|^2 + tr S1 + tr S2 - 2 sum sqrt(eig(S1 S2))``, or,
-where a set has fewer samples than features, from the equal (n, n) symmetric eigenproblem.
+where a set has no more samples than features, from the equal (n, n) symmetric eigenproblem.
 Precision and recall are Kynkäänniemi et al. (2019)'s k-nearest-neighbour manifolds.
 """
 
