@@ -28,11 +28,11 @@ quickstart: $(STAMP)  ## tiny VAE + latent diffusion on the built-in shapes, the
 
 BENCH := $(or $(LDM_OUTPUT_DIR),outputs)/benchmark_shapes
 
-benchmark-shapes: $(STAMP)  ## the shapes models trained toward their floors (~90 min; docs/benchmark-shapes.md)
+benchmark-shapes: $(STAMP)  ## the shapes models trained toward their floors (75 min-3 h on 2 cores; docs/benchmark-shapes.md)
 	$(PYTHON) train.py experiment=shapes_vae name=benchmark_shapes/vae \
-		model.vae.base_channels=32 data.batch_size=16 trainer.max_steps=6000 \
-		trainer.val_check_interval=1000 callbacks.checkpoint.every_n_train_steps=1000 \
-		callbacks.checkpoint.save_top_k=-1  # every 1000 steps kept: the rFID curve below
+		model.vae.base_channels=32 data.batch_size=16 trainer.max_steps=12000 \
+		trainer.val_check_interval=2000 callbacks.checkpoint.every_n_train_steps=2000 \
+		callbacks.checkpoint.save_top_k=-1  # every 2000 steps kept: the rFID curve below
 	$(PYTHON) train.py experiment=shapes_ldm name=benchmark_shapes/ldm \
 		vae_checkpoint=$(BENCH)/vae/checkpoints/last.ckpt trainer.max_steps=10000 \
 		callbacks=with_fid callbacks.fid.every_n_steps=2000 callbacks.fid.num_samples=1000 \
