@@ -203,12 +203,17 @@ class GenerativeMetrics(Metric):
         generator = torch.Generator().manual_seed(self.seed)
         size = min(self.kid_subset_size, len(real), len(fake))
         if size >= 2:
+            # Subsets as large as both sets are both sets reordered, and the unbiased MMD
+            # does not depend on order: one value (the draws still advance the generator,
+            # which IS's splits use next).
+            whole = size == len(real) == len(fake)
             scores = []
             for _ in range(self.kid_subsets):
-                r = real[torch.randperm(len(real), generator=generator)[:size].to(real.device)]
-                f = fake[torch.randperm(len(fake), generator=generator)[:size].to(fake.device)]
-                scores.append(poly_mmd(r, f))
-            kid = torch.stack(scores)
+                r = torch.randperm(len(real), generator=generator)[:size].to(real.device)
+                f = torch.randperm(len(fake), generator=generator)[:size].to(fake.device)
+                if not whole:
+                    scores.append(poly_mmd(real[r], fake[f]))
+            kid = poly_mmd(real, fake).reshape(1) if whole else torch.stack(scores)
             out.update(kid_mean=float(kid.mean()), kid_std=float(kid.std(unbiased=False)))
         if self.pr_k is not None and min(len(real), len(fake)) > self.pr_k:
             out["precision"], out["recall"] = precision_recall(real, fake, self.pr_k)

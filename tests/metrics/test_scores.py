@@ -69,6 +69,31 @@ def test_kid_and_is_do_not_depend_on_order_or_batching():
     assert plain["kid_mean"] > 10 * plain["kid_std"] / 20**0.5  # shifted sets: clearly positive
 
 
+def test_kid_of_whole_sets_is_computed_once_and_is_is_unchanged():
+    """Subsets as large as both sets: every subset's unbiased MMD is the same number."""
+    from torchmetrics.image.kid import poly_mmd
+
+    from ldm.metrics.scores import inception_score
+
+    g = torch.Generator().manual_seed(2)
+    real, fake = torch.randn(120, 16, generator=g), torch.randn(120, 16, generator=g) + 0.3
+    logits = torch.randn(120, 10, generator=g) * 3
+    metrics = GenerativeMetrics(real, kid_subsets=5, kid_subset_size=120, is_splits=4, seed=3)
+    metrics.update(fake, torch.arange(120), logits)
+    out = metrics.compute()
+    draws = torch.Generator().manual_seed(3)
+    subsets = []
+    for _ in range(5):  # the loop it replaces: each subset a permutation of the whole set
+        r, f = (torch.randperm(120, generator=draws) for _ in range(2))
+        subsets.append(float(poly_mmd(real[r], fake[f])))
+    assert out["kid_mean"] == pytest.approx(np.mean(subsets), rel=1e-6)
+    assert max(subsets) - min(subsets) < 1e-6 * abs(out["kid_mean"]) and out["kid_std"] == 0
+    # IS's splits come from the generator after KID's draws, as before
+    assert out["is_mean"] == pytest.approx(inception_score(logits, 4, draws)[0], rel=1e-6)
+    fresh = inception_score(logits, 4, torch.Generator().manual_seed(3))[0]
+    assert abs(fresh - out["is_mean"]) > 1e-4
+
+
 def brute_precision_recall(real, fake, k):
     """Kynkäänniemi et al. 2019 written out with numpy, one point at a time."""
     real, fake = real.double().numpy(), fake.double().numpy()
