@@ -31,15 +31,17 @@ from ldm.models.textual_inversion import load_embeddings
 from ldm.nn.lora import load_adapter, merge_adapters
 from ldm.pipeline import Checkpoint, Pipeline, open_checkpoint, step_generators
 from ldm.training.checkpoints import load_vae
+from ldm.training.speed import compile_network
 
 log = logging.getLogger(__name__)
 
 
 def load_model(cfg: DictConfig, checkpoint: Checkpoint | None = None) -> Pipeline:
     """The pipeline of the model ``cfg.checkpoint`` names (or of ``checkpoint``, opened
-    already), with ``cfg.vae``, ``cfg.adapters`` and ``cfg.embeddings``, on ``cfg.device``,
-    in eval mode. Our checkpoints bring their schedule and conditioner: ``cfg.diffusion`` and
-    ``cfg.model`` are for the other formats."""
+    already), with ``cfg.vae``, ``cfg.adapters`` and ``cfg.embeddings``, on ``cfg.device``
+    in ``cfg.precision`` (compiled with ``cfg.compile``), in eval mode. Our checkpoints
+    bring their schedule and conditioner: ``cfg.diffusion`` and ``cfg.model`` are for the
+    other formats."""
     checkpoint = checkpoint or open_checkpoint(cfg.checkpoint)
     given = {}
     if checkpoint.format != "ours":
@@ -64,7 +66,9 @@ def load_model(cfg: DictConfig, checkpoint: Checkpoint | None = None) -> Pipelin
 
         pipeline = use_exact_denoiser(pipeline, cfg.exact_denoiser)
     device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else cfg.device
-    return pipeline.to("cpu" if device == "auto" else device).eval()
+    pipeline.to("cpu" if device == "auto" else device, dtype=cfg.get("precision"))
+    compile_network(pipeline.denoiser, cfg.get("compile"))
+    return pipeline.eval()
 
 
 def _text_encoder(cfg: DictConfig, checkpoint: Checkpoint) -> torch.nn.Module:

@@ -3,15 +3,20 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in float32 whatever the input dtype, as in the original UNet."""
+    """GroupNorm computed in float32 whatever the input and weight dtypes, as in the
+    original UNet (whose fp16 mode kept norms in fp32)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return super().forward(x.float()).type(x.dtype)
+        if self.weight is None or self.weight.dtype == torch.float32:
+            return super().forward(x.float()).type(x.dtype)
+        weight, bias = self.weight.float(), self.bias.float()
+        return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).type(x.dtype)
 
 
 class ResBlock(nn.Module):

@@ -9,9 +9,11 @@ hands out one over its sampling weights (``LatentDiffusion.pipeline``).
 
 from __future__ import annotations
 
+import copy
 import itertools
+import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,6 +27,18 @@ from ldm.pipeline.checkpoint import Checkpoint, open_checkpoint
 from ldm.seeding import stable_seed
 
 Inputs = Sequence[str] | Tensor | int  # captions, class labels, or a count (unconditional)
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+log = logging.getLogger(__name__)
+
+
+def precision_dtype(precision: str | torch.dtype) -> torch.dtype:
+    """``fp32`` / ``bf16`` / ``fp16`` (or a dtype) as a torch dtype."""
+    if isinstance(precision, torch.dtype):
+        return precision
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r}: use one of {sorted(PRECISIONS)}")
+    return PRECISIONS[precision]
 
 
 @dataclass
@@ -40,6 +54,7 @@ class Pipeline:
     schedule: Schedule
     prediction: str = "eps"
     image_size: tuple[int, int] = (32, 32)
+    _vae_fp32: nn.Module | None = field(default=None, init=False, repr=False)
 
     @classmethod
     def from_checkpoint(
@@ -89,7 +104,8 @@ class Pipeline:
                 f"f = {ours[1]}: give a VAE of the model's latent space"
             )
         vae.scale_factor, vae.shift_factor = self.vae.scale_factor, self.vae.shift_factor
-        self.vae = vae.to(self.device).eval()
+        self.vae = vae.to(self.device, _dtype_of(self.vae)).eval()
+        self._vae_fp32 = None
         return self
 
     @property
@@ -109,10 +125,24 @@ class Pipeline:
         """Every network it holds (the VAE too)."""
         return [*self.networks().values(), *([self.vae] if self.vae is not None else [])]
 
-    def to(self, device: torch.device | str) -> Pipeline:
-        """Moves its networks (in place) and returns itself."""
+    @property
+    def dtype(self) -> torch.dtype:
+        """What the networks compute in (their weights' dtype; see ``to``)."""
         for module in self.modules():
-            module.to(device)
+            if (dtype := _dtype_of(module)) is not None:
+                return dtype
+        return torch.float32
+
+    def to(
+        self, device: torch.device | str | None = None, dtype: str | torch.dtype | None = None
+    ) -> Pipeline:
+        """Moves its networks (in place) to ``device`` and, with ``dtype`` (``bf16``,
+        ``fp16``, ``fp32`` or a torch dtype), casts their weights: the networks then compute
+        in it while the sampler integrates in fp32. Returns itself."""
+        cast = None if dtype is None else precision_dtype(dtype)
+        for module in self.modules():
+            module.to(device=device, dtype=cast)
+        self._vae_fp32 = None
         return self
 
     def eval(self) -> Pipeline:
@@ -164,6 +194,8 @@ class Pipeline:
         model: Callable[[Tensor, Tensor], Tensor] = self.denoiser
         if getattr(self.denoiser, "out_channels", shape[0]) != shape[0]:
             model = _MeanOnly(self.denoiser, shape[0])  # a DiT's learned variance: unused
+        if (dtype := _dtype_of(self.denoiser)) not in (None, torch.float32):
+            model = _InDtype(model, dtype)
         if self.conditioner is not None and not isinstance(inputs, int):
             cond = self.condition(inputs)
             if negative is not None and len(negative) != count:
@@ -178,7 +210,23 @@ class Pipeline:
             return z
         if self.vae is None:
             return z.clamp(-1, 1)
-        return self.vae.decode(self.vae.unscale_latents(z)).clamp(-1, 1)
+        return self.decode(z).clamp(-1, 1)
+
+    def decode(self, z: Tensor) -> Tensor:
+        """The VAE's fp32 images of sampled latents ``z``. A VAE in bf16 / fp16 that returns
+        a non-finite value (fp16 overflows in SD's decoder) decodes that batch again in
+        fp32, from an fp32 copy of its weights kept for the purpose (a warning says so)."""
+        vae, latents = self.vae, self.vae.unscale_latents(z)
+        dtype = _dtype_of(vae)
+        if dtype in (None, torch.float32):
+            return vae.decode(latents)
+        images = vae.decode(latents.to(dtype)).float()
+        if bool(torch.isfinite(images).all()):
+            return images
+        if self._vae_fp32 is None:
+            log.warning("the %s VAE decoded non-finite values: decoding again in fp32", dtype)
+            self._vae_fp32 = copy.deepcopy(vae).float()
+        return self._vae_fp32.decode(latents.float())
 
 
 class _MeanOnly(nn.Module):
@@ -191,6 +239,26 @@ class _MeanOnly(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor, **conditioning: Tensor) -> Tensor:
         return self.denoiser(x, t, **conditioning)[:, : self.channels]
+
+
+def _dtype_of(module: nn.Module) -> torch.dtype | None:
+    """The dtype of ``module``'s floating-point weights (None: it has none)."""
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
+
+
+class _InDtype(nn.Module):
+    """A denoiser with low-precision weights between fp32 samplers: its inputs cast to
+    ``dtype`` on the way in (timesteps stay fp32), its prediction to fp32 on the way out."""
+
+    def __init__(self, denoiser: Callable[..., Tensor], dtype: torch.dtype):
+        super().__init__()
+        self.denoiser, self.dtype = denoiser, dtype
+
+    def forward(self, x: Tensor, t: Tensor, **conditioning: Tensor) -> Tensor:
+        cast = {
+            k: v.to(self.dtype) if v.is_floating_point() else v for k, v in conditioning.items()
+        }
+        return self.denoiser(x.to(self.dtype), t, **cast).float()
 
 
 def step_generators(

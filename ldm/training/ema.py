@@ -25,9 +25,21 @@ class EMA(nn.Module):
         self.decay, self.warmup = decay, warmup
         self.average = copy.deepcopy(network).eval().requires_grad_(False)
         self.register_buffer("updates", torch.zeros((), dtype=torch.long))
+        self._count: int | None = 0  # see count()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._count = None  # read ``updates`` once, at the next count()
+
+    def count(self) -> int:
+        """Updates so far, kept on the host: reading the ``updates`` buffer of a GPU copy
+        every step would make each step wait for the device."""
+        if self._count is None:
+            self._count = int(self.updates)
+        return self._count
 
     def current_decay(self) -> float:
-        n = int(self.updates)
+        n = self.count()
         return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
 
     @torch.no_grad()
@@ -50,6 +62,7 @@ class EMA(nn.Module):
         for name, buffer in network.named_buffers():
             averaged_buffers[name].copy_(buffer)
         self.updates += 1
+        self._count = self.count() + 1
 
     def train(self, mode: bool = True) -> EMA:
         """The average always stays in eval mode."""

@@ -1,5 +1,5 @@
-"""Speed options: channels-last and compile settings, the VAE-stage lr schedule, and the
-UNet's optional token positions."""
+"""Speed options: channels-last and compile settings, the VAE-stage lr schedule, the
+UNet's optional token positions, and what measures speed (FLOPs, MFU)."""
 
 import pytest
 import torch
@@ -8,7 +8,8 @@ from trainutils import compose_train
 from ldm.app.train import train
 from ldm.models.unet import UNet
 from ldm.nn.embeddings import grid_embedding
-from ldm.training.speed import compile_options
+from ldm.training.ema import EMA
+from ldm.training.speed import compile_options, count_flops, mfu, peak_tflops
 
 
 def test_compile_settings_are_parsed_and_bad_ones_refused():
@@ -71,3 +72,47 @@ def test_token_positions_change_the_output_not_the_parameters():
 
     with pytest.raises(ValueError, match="no positional embedding"):
         unet_config_to_diffusers(placed.config)
+
+
+def test_flops_of_a_step_count_forward_and_backward_matmuls():
+    layer = torch.nn.Linear(64, 32)
+    x = torch.randn(8, 64, requires_grad=True)
+    forward = 2 * 8 * 64 * 32
+    assert count_flops(lambda: layer(x)) == forward
+    assert count_flops(lambda: layer(x).sum().backward()) == 3 * forward  # dx and dW
+    conv = torch.nn.Conv2d(4, 8, 3, padding=1)
+    assert count_flops(lambda: conv(torch.randn(2, 4, 5, 5))) == 2 * 2 * 8 * 25 * 4 * 9
+    assert mfu(5e14, 1.0, 1000.0) == 0.5 and mfu(1.0, 1.0, None) is None
+
+
+@pytest.mark.parametrize(
+    ("name", "peak"),
+    [
+        ("NVIDIA H100 80GB HBM3", 989.4),
+        ("NVIDIA H100 PCIe", 756.5),
+        ("NVIDIA H200", 989.4),
+        ("NVIDIA A100-SXM4-80GB", 312.0),
+        ("NVIDIA A10", 125.0),
+        ("NVIDIA L40S", 362.1),
+        ("NVIDIA L4", 121.0),
+        ("Tesla T4", None),
+    ],
+)
+def test_peak_tflops_by_device_name(monkeypatch, name, peak):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert peak_tflops("cuda") == peak
+    assert peak_tflops("cpu") is None
+
+
+def test_ema_counts_on_the_host_and_rereads_a_loaded_count():
+    net = torch.nn.Linear(2, 2)
+    ema = EMA(net, decay=0.99)
+    for _ in range(3):
+        ema.update(net)
+    assert ema.count() == int(ema.updates) == 3
+    restored = EMA(net, decay=0.99)
+    restored.load_state_dict(ema.state_dict())
+    assert restored.count() == 3 and restored.current_decay() == 4 / 13
+    restored.update(net)
+    assert restored.count() == int(restored.updates) == 4

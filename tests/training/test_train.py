@@ -221,9 +221,15 @@ def test_flow_matching_trains_and_samples(vae_checkpoint, tmp_path):
         checkpoint = f"checkpoint={run / 'checkpoints' / 'last.ckpt'}"
         overrides = [checkpoint, "prompts=[a red circle]", "sampler=flow_euler", "sampler.steps=3"]
         scfg = compose("sample", overrides=overrides)
+        bf16 = compose("sample", overrides=[*overrides, "precision=bf16"])
     pipeline = load_model(scfg)
     assert pipeline.prediction == "flow" and pipeline.schedule.shift == 2.0  # from the checkpoint
-    assert len(sample(scfg, tmp_path / "samples")) == scfg.num_per_prompt
+    fp32 = sample(scfg, tmp_path / "samples")
+    assert len(fp32) == scfg.num_per_prompt
+    assert load_model(bf16).dtype == torch.bfloat16  # and it samples like fp32, within bf16
+    pairs = zip(fp32, sample(bf16, tmp_path / "bf16"), strict=True)
+    pixels = [[np.asarray(Image.open(p), dtype=np.int16) for p in pair] for pair in pairs]
+    assert np.mean([np.abs(a - b).mean() for a, b in pixels]) < 8
 
 
 def test_edm_trains_and_samples(vae_checkpoint, tmp_path):
