@@ -18,6 +18,7 @@ device's published dense bf16 peak (``ldm.training.speed.PEAK_BF16_TFLOPS``, or
     python benchmarks/gpu.py [--parts flops train sample] [--batch 32] [--sweep 8 16 64]
         [--train-variants ...] [--sample-variants ...] [--json out.json]
     python benchmarks/gpu.py --tiny --device cpu   # the same code on tiny networks (a check)
+    python benchmarks/gpu.py --parts flops --device meta   # FLOPs alone, without computing
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import json
 import statistics
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -257,8 +259,10 @@ def _peak_gib(device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
 
-def _autocast(device, enabled: bool = True):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+def _autocast(device):
+    if device.type == "meta":  # counting FLOPs only: the dtype does not change them
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def _sdpa(backend: str | None):
@@ -301,7 +305,7 @@ def _module_step(nets: Networks, x0, context, device):
 def _train_step(nets: Networks, impl: str, options: dict, batch: int, device):
     """A fresh network of ``impl`` with ``options`` and its training step (a closure)."""
     size, width = nets.latent_size, nets.unet_config["context_dim"]
-    g = torch.Generator(device).manual_seed(0)
+    g = None if device.type == "meta" else torch.Generator(device).manual_seed(0)
     x0 = torch.randn(batch, 4, size, size, device=device, generator=g)
     context = torch.randn(batch, 77, width, device=device, generator=g)
     if impl == "module":
@@ -483,14 +487,14 @@ def sample_part(nets: Networks, args, device, peak: float | None) -> list[dict]:
 
 def flops_part(nets: Networks, device) -> dict:
     """FLOPs per sample: a training step, one guided sampling step, a whole sample."""
-    net, step = _train_step(nets, "ours", {"ema": False}, 2, device)
-    train = count_flops(step) / 2
+    net = nets.ours_unet(device)
     size, width = nets.latent_size, nets.unet_config["context_dim"]
     x = torch.randn(2, 4, size, size, device=device)
     t, context = torch.full((2,), 500.0, device=device), torch.randn(2, 77, width, device=device)
-    with torch.no_grad(), _autocast(device):
+    train = count_flops(lambda: net(x, t, context).square().mean().backward()) / 2
+    with torch.no_grad():
         guided_step = count_flops(lambda: net(x, t, context))  # the CFG batch of one sample
-    net = step = None
+    net = None
     pipeline = nets.ours_pipeline(device)
     whole = count_flops(
         lambda: pipeline.generate([PROMPT], make_sampler("ddim", steps=50), guidance_scale=7.5)
@@ -539,6 +543,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     device = torch.device(args.device)
+    warnings.filterwarnings("ignore", message=".*non-meta parameter")  # --device meta
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
