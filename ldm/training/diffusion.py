@@ -233,7 +233,8 @@ class LatentDiffusion(L.LightningModule):
         )
         x0 = self.latents(batch, generators)
         noise = _randn(generators, x0.shape[1:], x0)
-        cond = self.condition(batch, networks=networks, dropped=(dropped < drop_prob).cpu())
+        # the mask stays on the device: only captions (strings) need it on the host
+        cond = self.condition(batch, networks=networks, dropped=dropped < drop_prob)
         alpha_bar = self.schedule.alphas_cumprod_at(t).to(device)
         x_t = model_input(q_sample(x0, noise, alpha_bar), alpha_bar, hp.prediction)
         output = networks["denoiser"](x_t, t.to(x0.dtype), **cond)
