@@ -21,7 +21,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import open_dict
-from torch.utils.flop_counter import FlopCounterMode
+
+from ldm.training.speed import count_flops
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -67,9 +68,7 @@ def measure(backbone: str, batch_size: int, steps: int) -> dict:
         for p in params:
             p.grad = None
 
-    counter = FlopCounterMode(display=False)
-    with counter:
-        step()
+    flops = count_flops(step)
     step()  # warm-up
     times = []
     for _ in range(steps):
@@ -80,7 +79,7 @@ def measure(backbone: str, batch_size: int, steps: int) -> dict:
     return {
         "backbone": backbone,
         "parameters": denoiser,
-        "flops_per_step": counter.get_total_flops(),
+        "flops_per_step": flops,
         "seconds_per_step": statistics.median(times),
         "batch_size": batch_size,
     }

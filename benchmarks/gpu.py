@@ -28,7 +28,6 @@ import contextlib
 import copy
 import gc
 import json
-import statistics
 import tempfile
 import time
 import warnings
@@ -37,7 +36,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import yaml
+from train_throughput import median_step  # benchmarks/ is this script's folder
+from vs_diffusers import _preset
 
 from ldm.diffusion.samplers import make_sampler
 from ldm.diffusion.schedules import make_schedule
@@ -48,7 +48,6 @@ from ldm.pipeline import Pipeline
 from ldm.training.ema import EMA
 from ldm.training.speed import compile_network, count_flops, mfu, peak_tflops, to_channels_last
 
-ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detailed"
 TINY_TEXT = {  # an open_clip text tower of CLIP's layout, 64 wide
     "embed_dim": 32,
@@ -98,16 +97,6 @@ DEFAULT_SAMPLE = [
 
 
 # --------------------------------------------------------------------------- networks
-
-
-def _preset(kind: str, name: str) -> dict:
-    """A ``conf/model/<kind>/<name>.yaml`` preset's constructor arguments."""
-    data = yaml.safe_load((ROOT / "conf" / "model" / kind / f"{name}.yaml").read_text())
-    base = {}
-    for entry in data.pop("defaults", []):
-        if entry != "_self_":
-            base.update(_preset(kind, entry))
-    return {k: v for k, v in {**base, **data}.items() if k != "_target_"}
 
 
 class Networks:
@@ -214,6 +203,9 @@ def clip_tokenizer_files(folder: Path) -> tuple[str, str]:
 
     from open_clip.tokenizer import bytes_to_unicode, default_bpe
 
+    vocab_file, merges_file = folder / "vocab.json", folder / "merges.txt"
+    if vocab_file.is_file() and merges_file.is_file():  # written for an earlier variant
+        return str(vocab_file), str(merges_file)
     with gzip.open(default_bpe(), "rt", encoding="utf-8") as file:
         lines = file.read().split("\n")[1 : 49152 - 256 - 2 + 1]  # open_clip's merges
     merges = [tuple(line.split()) for line in lines]
@@ -221,9 +213,9 @@ def clip_tokenizer_files(folder: Path) -> tuple[str, str]:
     vocab = [*symbols, *(s + "</w>" for s in symbols), *("".join(m) for m in merges)]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges))
-    return str(folder / "vocab.json"), str(folder / "merges.txt")
+    vocab_file.write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+    merges_file.write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges))
+    return str(vocab_file), str(merges_file)
 
 
 # --------------------------------------------------------------------------- measuring
@@ -235,16 +227,13 @@ def _sync(device: torch.device) -> None:
 
 
 def _median_seconds(fn: Callable[[], object], device, warmup: int, steps: int) -> float:
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
+    """Median seconds of ``fn`` (the device synchronised after each call) after warm-up."""
+
+    def synced() -> None:
         fn()
         _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+
+    return median_step(synced, steps, warmup)
 
 
 def _reset_memory(device) -> None:

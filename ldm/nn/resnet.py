@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -13,9 +12,8 @@ class GroupNorm32(nn.GroupNorm):
     original UNet (whose fp16 mode kept norms in fp32)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.weight is None or self.weight.dtype == torch.float32:
-            return super().forward(x.float()).type(x.dtype)
-        weight, bias = self.weight.float(), self.bias.float()
+        weight = None if self.weight is None else self.weight.float()  # fp32: no copy
+        bias = None if self.bias is None else self.bias.float()
         return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).type(x.dtype)
 
 

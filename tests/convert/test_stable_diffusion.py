@@ -149,19 +149,17 @@ def test_diffusers_folder_round_trip(tmp_path):
         assert all(torch.equal(back.state_dict()[k], v) for k, v in model.state_dict().items())
 
 
-def test_our_pipeline_draws_diffusers_image_from_the_same_weights(tmp_path):
+def test_our_pipeline_draws_diffusers_image_from_the_same_weights(tmp_path, monkeypatch):
     """Prompt to image end to end — CLIP tokenizer and text tower, classifier-free guidance,
     DDIM trailing steps, VAE decode — ours and diffusers' StableDiffusionPipeline on the
     same tiny SD-layout weights and starting noise (benchmarks/gpu.py builds both)."""
     pytest.importorskip("diffusers")
     pytest.importorskip("transformers")
-    import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu.py"
-    spec = importlib.util.spec_from_file_location("gpu_benchmark", path)
-    gpu = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu)
+    monkeypatch.syspath_prepend(Path(__file__).resolve().parents[2] / "benchmarks")
+    import gpu  # benchmarks/gpu.py, with its sibling modules
+
     nets, cpu = gpu.Networks(tiny=True), torch.device("cpu")
     g = torch.Generator().manual_seed(0)
     for state in (nets.unet, nets.vae, nets.hf_text.state_dict()):  # no zero-init layer left

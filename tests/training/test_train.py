@@ -222,6 +222,7 @@ def test_flow_matching_trains_and_samples(vae_checkpoint, tmp_path):
         overrides = [checkpoint, "prompts=[a red circle]", "sampler=flow_euler", "sampler.steps=3"]
         scfg = compose("sample", overrides=overrides)
         bf16 = compose("sample", overrides=[*overrides, "precision=bf16"])
+        compiled = compose("sample", overrides=[*overrides, "compile=true"])
     pipeline = load_model(scfg)
     assert pipeline.prediction == "flow" and pipeline.schedule.shift == 2.0  # from the checkpoint
     fp32 = sample(scfg, tmp_path / "samples")
@@ -230,6 +231,7 @@ def test_flow_matching_trains_and_samples(vae_checkpoint, tmp_path):
     pairs = zip(fp32, sample(bf16, tmp_path / "bf16"), strict=True)
     pixels = [[np.asarray(Image.open(p), dtype=np.int16) for p in pair] for pair in pairs]
     assert np.mean([np.abs(a - b).mean() for a, b in pixels]) < 8
+    assert load_model(compiled).denoiser._compiled_call_impl is not None  # compiles at first use
 
 
 def test_edm_trains_and_samples(vae_checkpoint, tmp_path):
