@@ -36,6 +36,18 @@ def test_posterior_mean_is_the_gaussian_mixtures(alpha_bar):
     torch.testing.assert_close(fast, exact, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("alpha_bar", [0.5, torch.tensor([0.9, 0.2, 0.05])])
+def test_a_single_gaussians_shortcut_is_the_mixture_formula(alpha_bar):
+    g = torch.Generator().manual_seed(2)
+    mean, std = torch.randn(5, generator=g, dtype=torch.float64), torch.rand(5, generator=g)
+    x_t = torch.randn(3, 5, generator=g, dtype=torch.float64)
+    one = GaussianMixture.gaussian(mean, std + 0.1)
+    halves = GaussianMixture(torch.full((2,), 0.5, dtype=torch.float64), one.means.repeat(2, 1),
+                             one.stds.repeat(2, 1))  # fmt: skip
+    want = halves.posterior_mean(x_t, alpha_bar)
+    torch.testing.assert_close(one.posterior_mean(x_t, alpha_bar), want, rtol=1e-12, atol=1e-12)
+
+
 def test_a_group_mixes_only_its_own_components():
     g = torch.Generator().manual_seed(1)
     points = torch.randn(30, 4, generator=g, dtype=torch.float64)
