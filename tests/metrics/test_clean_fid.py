@@ -13,7 +13,7 @@ cleanfid = pytest.importorskip("cleanfid")
 from cleanfid.fid import frechet_distance  # noqa: E402
 from cleanfid.resize import build_resizer  # noqa: E402
 
-N = 24
+N = 8
 
 
 def _images(split: str) -> torch.Tensor:
