@@ -23,12 +23,14 @@ def test_the_notebook_is_its_source_without_outputs():
 # Every cell runs as written, with its training and evaluation cut short: a reader's run
 # takes 3-5 minutes on two cores, which the suite's 10-minute budget cannot spare.
 SHORTER = {
-    '"trainer.max_steps=150"': '"trainer.max_steps=30"',  # the autoencoder
-    '"trainer.val_check_interval=150"': '"trainer.val_check_interval=30"',
+    '"trainer.max_steps=150"': '"trainer.max_steps=10"',  # the autoencoder
+    '"trainer.val_check_interval=150"': '"trainer.val_check_interval=10"',
     '"trainer.max_steps=120", "trainer.val_check_interval=120"': (  # the diffusion model
-        '"trainer.max_steps=30", "trainer.val_check_interval=30"'
+        '"trainer.max_steps=10", "trainer.val_check_interval=10"'
     ),
+    '("ddpm", 50)': '("ddpm", 10)',  # sampling steps in the notebook's kernel
     '"num_samples=32"': '"num_samples=8"',  # evaluate.py's samples per grid point
+    '"trainer.max_steps=20"': '"trainer.max_steps=5"',  # the LoRA
 }
 
 
