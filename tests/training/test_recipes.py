@@ -103,9 +103,9 @@ def _dreambooth(tmp_path, base, name, *overrides):
         run,
         *_recipe(tmp_path, base, "dreambooth", INSTANCE),
         "data.batch_size=4",
-        "trainer.max_steps=150",
-        "trainer.val_check_interval=150",
-        "callbacks.checkpoint.every_n_train_steps=150",
+        "trainer.max_steps=100",
+        "trainer.val_check_interval=100",
+        "callbacks.checkpoint.every_n_train_steps=100",
         "callbacks.samples.every_n_steps=1000",
         "task.optimizer.lr=3e-3",
         "dreambooth.class_images=8",
@@ -138,12 +138,12 @@ def test_dreambooth_learns_the_subject_and_prior_preservation_keeps_the_class(tm
     assert len(list((prior / "class_images").glob("class_*.png"))) == 8  # made by the base model
     after, _ = _latents(plain / "checkpoints" / "last.ckpt", INSTANCE)
     learnt = distance(after, target), distance(before, target)
-    assert learnt[0] < 0.7 * learnt[1], learnt  # the subject is learnt
+    assert learnt[0] < 0.7 * learnt[1], learnt  # the subject is learnt (0.41x measured)
 
     reference, _ = _latents(base, CLASS)  # what the base model draws for the class
     drift_plain = distance(_latents(plain / "checkpoints" / "last.ckpt", CLASS)[0], reference)
     drift_prior = distance(_latents(prior / "checkpoints" / "last.ckpt", CLASS)[0], reference)
-    assert drift_prior < drift_plain, (drift_prior, drift_plain)
+    assert drift_prior < drift_plain, (drift_prior, drift_plain)  # 0.085 < 0.175 measured
 
 
 def test_textual_inversion_trains_only_the_new_rows_and_round_trips(tmp_path, base):
