@@ -1,6 +1,8 @@
 """The model side of the service in-process: class labels, sizes, and the bearer token's
 sources."""
 
+import io
+
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -12,7 +14,7 @@ from ldm.models.unet import UNet
 from ldm.pipeline import Pipeline
 from ldm.serving.api import ImageRequest, _parse
 from ldm.serving.batcher import Job
-from ldm.serving.service import BadRequest, ImageService
+from ldm.serving.service import BadRequest, ImageService, to_png
 
 
 @pytest.fixture(scope="module")
@@ -74,3 +76,16 @@ def test_the_token_comes_from_an_environment_variable_or_a_file(tmp_path, monkey
     monkeypatch.setenv("LDM_TEST_TOKEN", "")
     with pytest.raises(ValueError, match="empty"):
         read_token(cfg(token_env="LDM_TEST_TOKEN"))
+
+
+def test_a_response_png_is_the_file_sample_py_writes():
+    """to_png rounds as torchvision's save_image (sample.py's files) without importing it."""
+    from PIL import Image
+    from torchvision.utils import save_image
+
+    noise = torch.randn(3, 8, 8, generator=torch.Generator().manual_seed(0))
+    image = torch.cat([torch.linspace(-1.2, 1.2, 3 * 8 * 8).reshape(3, 8, 8), noise], 1)
+    theirs = io.BytesIO()
+    save_image(image * 0.5 + 0.5, theirs, format="png")
+    ours = Image.open(io.BytesIO(to_png(image)))
+    assert ours.size == (8, 16) and ours.tobytes() == Image.open(theirs).tobytes()
