@@ -20,9 +20,32 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))  # the tests' subprocesses too
 
 
+# The modules with the longest tests or groups (a minute or more on a slow core), longest
+# first. pytest-xdist hands tests out in collection order, so one of these collected last
+# (tests/training/ comes last) keeps one worker busy while the other idles; first, they
+# overlap with the many short tests.
+LONGEST_FIRST = (
+    "tests/training/test_recipes.py",  # the recipes group: a base model, DreamBooth x 2
+    "tests/test_tutorial.py",
+    "tests/serving/",  # the server group: three servers
+    "tests/metrics/test_evaluate.py",
+    "tests/training/test_train.py",
+    "tests/test_installed.py",
+    "tests/metrics/test_attributes.py",
+)
+
+
+def _longest_first(item) -> int:
+    return next(
+        (i for i, prefix in enumerate(LONGEST_FIRST) if item.nodeid.startswith(prefix)),
+        len(LONGEST_FIRST),
+    )
+
+
 @pytest.hookimpl(trylast=True)  # after pytest-xdist's own tagging
 def pytest_collection_modifyitems(config, items):
     _tag_xdist_groups(config, items)
+    items.sort(key=_longest_first)  # stable: the order within each module is kept
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
