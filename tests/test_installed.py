@@ -41,12 +41,13 @@ def installed(tmp_path_factory) -> tuple[str, dict[str, str]]:
 # Runs each command as ``python -m`` does (runpy, as __main__) in one interpreter: the
 # package starts once instead of once per command, which saves a minute of imports here.
 DRIVER = """
-import json, runpy, sys, traceback
+import importlib.util, json, runpy, sys, traceback
 import ldm
 print("ldm at", ldm.__file__, ldm.CONF_DIR.is_dir(), flush=True)
 for module, *args in json.loads(sys.argv[1]):
     sys.argv = [module, *args]
-    sys.modules.pop(module, None)  # run afresh as __main__, as python -m does
+    if not importlib.util.find_spec(module).submodule_search_locations:  # not a package
+        sys.modules.pop(module, None)  # run afresh as __main__, as python -m does
     try:
         runpy.run_module(module, run_name="__main__", alter_sys=True)
     except SystemExit as stop:
