@@ -38,24 +38,17 @@ def installed(tmp_path_factory) -> tuple[str, dict[str, str]]:
     return sys.executable, {"PYTHONPATH": str(target)}  # its dependencies: this environment's
 
 
-# Runs each command as ``python -m`` does (runpy, as __main__) in one interpreter: the
+# Runs each command as ``python -m`` does (testutils.run_as_main) in one interpreter: the
 # package starts once instead of once per command, which saves a minute of imports here.
-DRIVER = """
-import importlib.util, json, runpy, sys, traceback
+DRIVER = f"""
+import json, sys
+sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})  # testutils; not ldm
+from testutils import run_as_main
 import ldm
 print("ldm at", ldm.__file__, ldm.CONF_DIR.is_dir(), flush=True)
-for module, *args in json.loads(sys.argv[1]):
-    sys.argv = [module, *args]
-    if not importlib.util.find_spec(module).submodule_search_locations:  # not a package
-        sys.modules.pop(module, None)  # run afresh as __main__, as python -m does
-    try:
-        runpy.run_module(module, run_name="__main__", alter_sys=True)
-    except SystemExit as stop:
-        if stop.code not in (0, None):
-            sys.exit(f"python -m {module} {' '.join(args)}: exit {stop.code}")
-    except BaseException:
-        traceback.print_exc()
-        sys.exit(f"python -m {module} {' '.join(args)} failed")
+for command in json.loads(sys.argv[1]):
+    if code := run_as_main(["-m", *command]):
+        sys.exit(f"python -m {{' '.join(command)}}: exit {{code}}")
 """
 
 

@@ -1,5 +1,6 @@
 """Helpers shared by test modules (importable because pyproject puts tests/ on sys.path)."""
 
+import importlib.util
 import os
 import runpy
 import subprocess
@@ -11,6 +12,30 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+
+def run_as_main(args: list[str]) -> int:
+    """``python *args`` (a script and its arguments, or ``-m module ...``) in this
+    interpreter, as the interpreter runs it (``__main__``, a plain module imported afresh):
+    its exit code, with a traceback or an exit message on stderr."""
+    try:
+        if args[0] == "-m":
+            sys.argv = [args[1], *args[2:]]
+            if not importlib.util.find_spec(args[1]).submodule_search_locations:
+                sys.modules.pop(args[1], None)  # not a package (its __main__ runs afresh)
+            runpy.run_module(args[1], run_name="__main__", alter_sys=True)
+        else:
+            sys.argv = list(args)
+            runpy.run_path(args[0], run_name="__main__")
+        return 0
+    except SystemExit as stop:  # as the interpreter treats it
+        if stop.code is None or isinstance(stop.code, int):
+            return stop.code or 0
+        print(stop.code, file=sys.stderr)
+        return 1
+    except BaseException:
+        traceback.print_exc()
+        return 1
 
 
 def run_cli(
@@ -43,20 +68,7 @@ def run_cli(
                 from hydra.core.global_hydra import GlobalHydra
 
                 GlobalHydra.instance().clear()
-                if args[0] == "-m":
-                    sys.argv = [args[1], *args[2:]]
-                    runpy.run_module(args[1], run_name="__main__", alter_sys=True)
-                else:
-                    sys.argv = list(args)
-                    runpy.run_path(args[0], run_name="__main__")
-                code = 0
-            except SystemExit as stop:  # as the interpreter treats it
-                if stop.code is None or isinstance(stop.code, int):
-                    code = stop.code or 0
-                else:
-                    print(stop.code, file=sys.stderr)
-            except BaseException:
-                traceback.print_exc()
+                code = run_as_main(args)
             finally:
                 sys.stdout.flush()
                 sys.stderr.flush()
