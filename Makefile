@@ -4,7 +4,7 @@ PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?= -n 2 --dist loadgroup
 
-.PHONY: quickstart benchmark-shapes study ddim-study ddim-tables backbones test lint format clean
+.PHONY: quickstart benchmark-shapes study ddim-study ddim-grid ddim-tables backbones test lint format clean
 
 $(STAMP): pyproject.toml
 	test -x $(PYTHON) || python3 -m venv $(VENV)
@@ -62,31 +62,25 @@ DDIM_QUALITY := num_samples=1000 reference_count=1000 cache_dir=$(BENCH)/referen
 
 # The DDIM paper's eta x steps table on the model of benchmark-shapes, with its network and
 # with the exact denoiser of its training latents, unguided and at guidance 3: n = 1000,
-# 3 seeds at 10-100 steps (the paper's) and at 3 and 5 steps (where discretisation error
-# dominates), 1 seed at 1000 steps; each network table followed by its exact-denoiser twin.
-# The runs behind docs/ddim-study.md are in docs/data/ddim_study/ (copy them into $(DDIM)
-# to extend them: evaluate.py resumes them only for bit-identical weights). Then the network
-# error's dose: eta 0 against eta 1 at 10 steps for the model every 2000 training steps
-# (unguided, 2 seeds); and the same eta x steps on the 2-D Gaussian mixture of study.py, whose
-# exact denoiser is that of a continuous distribution (3 seeds, seconds). Runs already in
-# a part's results.json are kept (evaluate.py resume=true), so the hours it takes on a CPU
-# can be spread over several invocations.
+# 3 seeds at 10-100 steps (part few, the paper's), 1 seed at 1000 steps (many); each network
+# table followed by its exact-denoiser twin. The runs behind docs/ddim-study.md are in
+# docs/data/ddim_study/ (copy them into $(DDIM) to extend them: evaluate.py resumes them only
+# for bit-identical weights). Then the network error's dose: eta 0 against eta 1 at 10 steps
+# for the model every 2000 training steps (unguided, 2 seeds); the same tables at 3 and 5
+# steps (fewest: where discretisation error dominates); and the same eta x steps on the 2-D
+# Gaussian mixture of study.py, whose exact denoiser is that of a continuous distribution
+# (3 seeds, seconds). Runs already in a part's results.json are kept (evaluate.py
+# resume=true), so the hours it takes on a CPU can be spread over several invocations.
 ddim-study: $(STAMP)  ## the DDIM eta x steps comparison, network vs exact denoiser (docs/ddim-study.md)
 	test -f $(BENCH)/ldm/checkpoints/last.ckpt || $(MAKE) benchmark-shapes
 	test -f $(BENCH)/latents/train/cache.json || $(PYTHON) -m ldm.data.latents \
 		vae=$(BENCH)/vae/checkpoints/last.ckpt out=$(BENCH)/latents data=shapes 'splits=[train]'
-	for part in few fewest many; do for g in 1.0 3.0; do for model in network exact; do \
-		case $$part in few) steps='[10,20,50,100]'; repeats=3;; \
-			fewest) steps='[3,5]'; repeats=3;; *) steps='[1000]'; repeats=1;; esac; \
-		exact=null; [ $$model = exact ] && exact=$(BENCH)/latents; \
-		$(PYTHON) evaluate.py checkpoint=$(BENCH)/ldm/checkpoints/last.ckpt $(DDIM_GRID) \
-			"grid.steps=$$steps" repeats=$$repeats "grid.guidance=[$$g]" \
-			exact_denoiser=$$exact hydra.run.dir=$(DDIM)/$$model-g$$g-$$part || exit 1; \
-	done; done; done
+	$(MAKE) ddim-grid PARTS="few many"
 	for ckpt in $(BENCH)/ldm/checkpoints/step_*.ckpt; do \
 		$(PYTHON) evaluate.py checkpoint=$$ckpt $(DDIM_QUALITY) \
 			hydra.run.dir=$(DDIM)/quality/$$(basename $$ckpt .ckpt) || exit 1; \
 	done
+	$(MAKE) ddim-grid PARTS=fewest
 	$(PYTHON) study.py -m '+sampler_options.ddim.eta=0.0,0.5,1.0' seed=0,1,2 'samplers=[ddim]' \
 		'steps=[3,5,10,20,50,100,1000]' num_samples=20000 diffusion=sd guidance=null,1.0,3.0 \
 		hydra.sweep.dir=$(DDIM)/analytic \
@@ -94,6 +88,18 @@ ddim-study: $(STAMP)  ## the DDIM eta x steps comparison, network vs exact denoi
 	$(PYTHON) benchmarks/fid_floors.py $$(ls $(BENCH)/reference_stats/reference-*.safetensors | head -1) \
 		--vae $(BENCH)/vae/checkpoints/last.ckpt --n 1000
 	$(MAKE) ddim-tables
+
+PARTS := few many fewest
+ddim-grid: $(STAMP)  ## the eta x steps tables of ddim-study only (PARTS="few many fewest")
+	for part in $(PARTS); do for g in 1.0 3.0; do for model in network exact; do \
+		case $$part in few) steps='[10,20,50,100]'; repeats=3;; \
+			fewest) steps='[3,5]'; repeats=3;; many) steps='[1000]'; repeats=1;; \
+			*) echo "unknown part $$part: few, many or fewest"; exit 2;; esac; \
+		exact=null; [ $$model = exact ] && exact=$(BENCH)/latents; \
+		$(PYTHON) evaluate.py checkpoint=$(BENCH)/ldm/checkpoints/last.ckpt $(DDIM_GRID) \
+			"grid.steps=$$steps" repeats=$$repeats "grid.guidance=[$$g]" \
+			exact_denoiser=$$exact hydra.run.dir=$(DDIM)/$$model-g$$g-$$part || exit 1; \
+	done; done; done
 
 ddim-tables:  ## the tables and plots of the DDIM study so far (mean ± sd over seeds)
 	for g in 1.0 3.0; do for model in network exact; do \
