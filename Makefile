@@ -40,8 +40,9 @@ benchmark-shapes: $(STAMP)  ## the shapes models trained toward their floors (75
 		callbacks.samples.every_n_steps=2000 \
 		callbacks.fid.cache_dir=$(BENCH)/reference_stats callbacks.samples.cache_dir=$(BENCH)/reference_stats
 	$(PYTHON) evaluate.py checkpoint=$(BENCH)/ldm/checkpoints/last.ckpt num_samples=1000 \
-		reference_count=1000 'grid.steps=[50]' 'grid.guidance=[1.0,3.0]' cache_dir=$(BENCH)/reference_stats \
-		hydra.run.dir=$(BENCH)/eval
+		reference_count=1000 'grid.samplers=[{name:ddim,spacing:trailing,eta:1.0}]' \
+		'grid.steps=[20]' 'grid.guidance=[1.25]' repeats=3 cache_dir=$(BENCH)/reference_stats \
+		hydra.run.dir=$(BENCH)/eval  # the sampling setting chosen in docs/benchmark-shapes.md
 	$(PYTHON) benchmarks/fid_floors.py $$(ls $(BENCH)/reference_stats/reference-*.safetensors | head -1) \
 		--vae $(BENCH)/vae/checkpoints/step_*.ckpt --n 1000  # the callback's and evaluate's: same images
 	$(PYTHON) -m ldm.tools.curves runs=[$(BENCH)/vae] out=$(BENCH)/vae_curves.png \
