@@ -43,7 +43,7 @@ benchmark-shapes: $(STAMP)  ## the shapes models trained toward their floors (75
 		reference_count=1000 'grid.samplers=[{name:ddim,spacing:trailing,eta:1.0}]' \
 		'grid.steps=[20]' 'grid.guidance=[1.25]' repeats=3 cache_dir=$(BENCH)/reference_stats \
 		hydra.run.dir=$(BENCH)/eval  # the sampling setting chosen in docs/benchmark-shapes.md
-	$(PYTHON) benchmarks/fid_floors.py $$(ls $(BENCH)/reference_stats/reference-*.safetensors | head -1) \
+	$(PYTHON) benchmarks/fid_floors.py $(BENCH)/reference_stats --data shapes \
 		--vae $(BENCH)/vae/checkpoints/step_*.ckpt --n 1000  # the callback's and evaluate's: same images
 	$(PYTHON) -m ldm.tools.curves runs=[$(BENCH)/vae] out=$(BENCH)/vae_curves.png \
 		'keys=[train/rec_loss,val/rec_loss,val/kl]'
@@ -86,7 +86,7 @@ ddim-study: $(STAMP)  ## the DDIM eta x steps comparison, network vs exact denoi
 		'steps=[3,5,10,20,50,100,1000]' num_samples=20000 diffusion=sd guidance=null,1.0,3.0 \
 		hydra.sweep.dir=$(DDIM)/analytic \
 		'hydra.sweep.subdir=g$${guidance}-eta$${sampler_options.ddim.eta}-seed$${seed}'
-	$(PYTHON) benchmarks/fid_floors.py $$(ls $(BENCH)/reference_stats/reference-*.safetensors | head -1) \
+	$(PYTHON) benchmarks/fid_floors.py $(BENCH)/reference_stats --data shapes \
 		--vae $(BENCH)/vae/checkpoints/last.ckpt --n 1000
 	$(MAKE) ddim-tables
 
