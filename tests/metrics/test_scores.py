@@ -154,6 +154,13 @@ def test_extractors_never_touch_the_network(no_network, tmp_path, monkeypatch):
     )
     plain = bundled.net((x / 128.0 - 1.0).contiguous())
     torch.testing.assert_close(bundled.features(images[:2]), plain, atol=1e-4, rtol=1e-4)
+    # on a CPU it takes 8 images at a time: the same features as one batch of 10
+    ten = to_uint8(torch.rand(10, 3, 32, 32) * 2 - 1)
+    x = torch.nn.functional.interpolate(
+        ten.float(), size=(299, 299), mode="bilinear", antialias=True
+    )
+    whole = bundled.net((x / 128.0 - 1.0).contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(bundled.features(ten), whole, atol=1e-5, rtol=1e-5)
 
 
 def test_to_uint8_rounds_once():
