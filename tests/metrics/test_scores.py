@@ -1,13 +1,16 @@
 """FID against the paper's formula, KID / IS independent of sample order, the extractors,
 and reference statistics: cached with provenance, reused, invalidated, refused."""
 
+import warnings
+
 import numpy as np
 import pytest
 import scipy.linalg
 import torch
 
 from ldm.data.builtin import ShapesDataset
-from ldm.metrics.extractors import INCEPTION_FILE, make_extractor, to_uint8
+from ldm.metrics.extractors import INCEPTION_FILE, fid_helper_file, make_extractor, to_uint8
+from ldm.metrics.inception import FoldedInceptionV3
 from ldm.metrics.reference import content_digest, provenance, read_reference, reference_features
 from ldm.metrics.scores import GenerativeMetrics
 
@@ -148,19 +151,29 @@ def test_extractors_never_touch_the_network(no_network, tmp_path, monkeypatch):
     bundled = make_extractor("torchscript:fid-helper")  # the offline InceptionV3
     assert bundled.num_features == 2048 and bundled.features(images[:1]).shape == (1, 2048)
     assert len(bundled.provenance["weights_sha256"]) == 64
-    # it runs channels-last (faster on CPU): the same features as the plain layout
-    x = torch.nn.functional.interpolate(
-        images[:2].float(), size=(299, 299), mode="bilinear", antialias=True
-    )
-    plain = bundled.net((x / 128.0 - 1.0).contiguous())
-    torch.testing.assert_close(bundled.features(images[:2]), plain, atol=1e-4, rtol=1e-4)
-    # on a CPU it takes 8 images at a time: the same features as one batch of 10
+    # it runs an eager copy (batch norm folded, channels-last, 8 images at a time on a
+    # CPU): the same features as the TorchScript itself, in one plain batch of 10
+    assert isinstance(bundled.net, FoldedInceptionV3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        script = torch.jit.load(str(fid_helper_file())).eval()
     ten = to_uint8(torch.rand(10, 3, 32, 32) * 2 - 1)
     x = torch.nn.functional.interpolate(
         ten.float(), size=(299, 299), mode="bilinear", antialias=True
     )
-    whole = bundled.net((x / 128.0 - 1.0).contiguous(memory_format=torch.channels_last))
-    torch.testing.assert_close(bundled.features(ten), whole, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        plain = script(x / 128.0 - 1.0)
+    torch.testing.assert_close(bundled.features(ten), plain, atol=1e-4, rtol=1e-4)
+
+
+def test_a_torchscript_network_of_another_architecture_runs_as_given(tmp_path):
+    net = torch.jit.script(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 8, 8), torch.nn.Flatten()))
+    net.save(str(tmp_path / "net.pt"))
+    extractor = make_extractor(f"torchscript:{tmp_path / 'net.pt'}")
+    assert isinstance(extractor.net, torch.jit.ScriptModule)
+    assert extractor.num_features == 4 * 37 * 37
+    images = to_uint8(torch.rand(9, 3, 32, 32) * 2 - 1)  # two chunks on a CPU
+    assert extractor.features(images).shape == (9, 4 * 37 * 37)
 
 
 def test_to_uint8_rounds_once():
