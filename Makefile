@@ -93,12 +93,12 @@ ddim-study: $(STAMP)  ## the DDIM eta x steps comparison, network vs exact denoi
 PARTS := few many fewest
 ddim-grid: $(STAMP)  ## the eta x steps tables of ddim-study only (PARTS="few many fewest")
 	for part in $(PARTS); do for g in 1.0 3.0; do for model in network exact; do \
-		case $$part in few) steps='[10,20,50,100]'; repeats=3;; \
-			fewest) steps='[3,5]'; repeats=3;; many) steps='[1000]'; repeats=1;; \
+		compile=false; case $$part in few) steps='[10,20,50,100]'; repeats=3;; \
+			fewest) steps='[3,5]'; repeats=3;; many) steps='[1000]'; repeats=1; compile=true;; \
 			*) echo "unknown part $$part: few, many or fewest"; exit 2;; esac; \
-		exact=null; [ $$model = exact ] && exact=$(BENCH)/latents; \
+		exact=null; [ $$model = exact ] && exact=$(BENCH)/latents && compile=false; \
 		$(PYTHON) evaluate.py checkpoint=$(BENCH)/ldm/checkpoints/last.ckpt $(DDIM_GRID) \
-			"grid.steps=$$steps" repeats=$$repeats "grid.guidance=[$$g]" \
+			"grid.steps=$$steps" repeats=$$repeats "grid.guidance=[$$g]" compile=$$compile \
 			exact_denoiser=$$exact hydra.run.dir=$(DDIM)/$$model-g$$g-$$part || exit 1; \
 	done; done; done
 

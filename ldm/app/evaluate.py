@@ -108,8 +108,17 @@ def _weights(pipeline: Any) -> dict[str, dict[str, Any]]:
 
 
 # What a run's scores depend on besides its grid point and repeat; the grid, the repeats and
-# how the work is spread may change between a run and its resumption.
-_FREE_KEYS = {"grid", "repeats", "resume", "fabric", "world_size", "device", "batch_size"}
+# where and how fast the work is done may change between a run and its resumption.
+_FREE_KEYS = {
+    "grid",
+    "repeats",
+    "resume",
+    "fabric",
+    "world_size",
+    "device",
+    "batch_size",
+    "compile",
+}
 
 
 def previous_runs(

@@ -11,7 +11,8 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from ldm.app.evaluate import evaluate
+from ldm.app.evaluate import evaluate, previous_runs
+from ldm.app.sample import load_model
 from ldm.app.train import train
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -238,6 +239,9 @@ def test_an_interrupted_sweep_resumes_where_it_stopped(checkpoint, tmp_path):
     assert [r["fid"] for r in resumed] == pytest.approx([r["fid"] for r in full], rel=1e-6)
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert len(saved["runs"]) == 4 and len(saved["rows"]) == 2
+    # speed settings do not change the runs: they resume under another batch size or compile
+    assert len(previous_runs(tmp_path / "out", saved["meta"] | {"compile": True})) == 4
+    assert load_model(_compose(*settings, "compile=true")).denoiser._compiled_call_impl
     with pytest.raises(ValueError, match="other settings \\(seed\\)"):
         evaluate(_compose(*settings, "grid.steps=[2,3]", "seed=1"), tmp_path / "out")
     # our checkpoint brings its own schedule: the config's diffusion settings are not used
