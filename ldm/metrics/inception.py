@@ -38,9 +38,9 @@ class FoldedConv(nn.Module):
         return F.relu_(self.conv(x))
 
 
-def _chain(block: torch.jit.ScriptModule, count: int) -> nn.Sequential:
-    names = ["conv"] + [f"conv_{i}" for i in range(1, count)]
-    return nn.Sequential(*[FoldedConv(getattr(block, name)) for name in names])
+def _chain(tower: torch.jit.ScriptModule) -> nn.Sequential:
+    """A TorchScript Sequential of convolution layers, in its order."""
+    return nn.Sequential(*[FoldedConv(layer) for _, layer in tower.named_children()])
 
 
 def _avg3(x: Tensor) -> Tensor:
@@ -51,47 +51,40 @@ def _max3s2(x: Tensor) -> Tensor:
     return F.max_pool2d(x, 3, stride=2)
 
 
-class _BlockA(nn.Module):  # 35 x 35: 1x1 | 1x1-5x5 | 1x1-3x3-3x3 | avg-1x1
+class _Mixed(nn.Module):
+    """The 35 x 35 and 17 x 17 blocks: 1x1 | tower | tower_1 | 3x3 average pool, 1x1."""
+
     def __init__(self, m: torch.jit.ScriptModule):
         super().__init__()
-        self.conv, self.tower = FoldedConv(m.conv), _chain(m.tower, 2)
-        self.tower_1, self.tower_2 = _chain(m.tower_1, 3), FoldedConv(m.tower_2.conv)
+        self.conv, self.tower, self.tower_1 = FoldedConv(m.conv), _chain(m.tower), _chain(m.tower_1)
+        self.pool_conv = FoldedConv(m.tower_2.conv)
 
     def forward(self, x: Tensor) -> Tensor:
-        branches = [self.conv(x), self.tower(x), self.tower_1(x), self.tower_2(_avg3(x))]
+        branches = [self.conv(x), self.tower(x), self.tower_1(x), self.pool_conv(_avg3(x))]
         return torch.cat(branches, 1)
 
 
-class _BlockB(nn.Module):  # 35 -> 17: 3x3/2 | 1x1-3x3-3x3/2 | max/2
+class _Reduction(nn.Module):
+    """The grid reductions 35 -> 17 (3x3/2 | tower) and 17 -> 8 (tower | tower_1), each
+    beside a 3x3/2 max pool."""
+
     def __init__(self, m: torch.jit.ScriptModule):
         super().__init__()
-        self.conv, self.tower = FoldedConv(m.conv), _chain(m.tower, 3)
+        self.branches = nn.ModuleList(
+            [
+                FoldedConv(c) if name == "conv" else _chain(c)
+                for name, c in m.named_children()
+                if name != "pool"
+            ]
+        )
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.cat([self.conv(x), self.tower(x), _max3s2(x)], 1)
+        return torch.cat([branch(x) for branch in self.branches] + [_max3s2(x)], 1)
 
 
-class _BlockC(nn.Module):  # 17 x 17, factorised 7x7: 1x1 | 1x7-7x1 | twice 7x1-1x7 | avg-1x1
-    def __init__(self, m: torch.jit.ScriptModule):
-        super().__init__()
-        self.conv, self.tower = FoldedConv(m.conv), _chain(m.tower, 3)
-        self.tower_1, self.tower_2 = _chain(m.tower_1, 5), FoldedConv(m.tower_2.conv)
+class _Expanded(nn.Module):
+    """The 8 x 8 blocks: 1x3 and 3x1 heads side by side; the last one pools by max."""
 
-    def forward(self, x: Tensor) -> Tensor:
-        branches = [self.conv(x), self.tower(x), self.tower_1(x), self.tower_2(_avg3(x))]
-        return torch.cat(branches, 1)
-
-
-class _BlockD(nn.Module):  # 17 -> 8: 1x1-3x3/2 | 1x1-1x7-7x1-3x3/2 | max/2
-    def __init__(self, m: torch.jit.ScriptModule):
-        super().__init__()
-        self.tower, self.tower_1 = _chain(m.tower, 2), _chain(m.tower_1, 4)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return torch.cat([self.tower(x), self.tower_1(x), _max3s2(x)], 1)
-
-
-class _BlockE(nn.Module):  # 8 x 8, split 1x3 / 3x1 heads; the last pools by max
     def __init__(self, m: torch.jit.ScriptModule, max_pool: bool):
         super().__init__()
         self.convs = nn.ModuleDict(
@@ -134,21 +127,17 @@ class FoldedInceptionV3(nn.Module):
         if not is_fid_inception(script):
             raise ValueError("not StyleGAN3's TorchScript InceptionV3 (fid-helper's file)")
         layers = script.net.layers
-        self.stem = nn.ModuleList(
-            [
-                nn.Sequential(
-                    *[FoldedConv(getattr(layers, n)) for n in ("conv", "conv_1", "conv_2")]
-                ),
-                nn.Sequential(FoldedConv(layers.conv_3), FoldedConv(layers.conv_4)),
-            ]
+        self.stem = nn.ModuleList(  # each followed by a 3x3/2 max pool
+            nn.Sequential(*[FoldedConv(getattr(layers, name)) for name in names])
+            for names in (("conv", "conv_1", "conv_2"), ("conv_3", "conv_4"))
         )
         self.blocks = nn.Sequential(
-            *[_BlockA(getattr(layers, n)) for n in ("mixed", "mixed_1", "mixed_2")],
-            _BlockB(layers.mixed_3),
-            *[_BlockC(getattr(layers, f"mixed_{i}")) for i in (4, 5, 6, 7)],
-            _BlockD(layers.mixed_8),
-            _BlockE(layers.mixed_9, max_pool=False),
-            _BlockE(layers.mixed_10, max_pool=True),
+            *[_Mixed(getattr(layers, n)) for n in ("mixed", "mixed_1", "mixed_2")],
+            _Reduction(layers.mixed_3),
+            *[_Mixed(getattr(layers, f"mixed_{i}")) for i in (4, 5, 6, 7)],
+            _Reduction(layers.mixed_8),
+            _Expanded(layers.mixed_9, max_pool=False),
+            _Expanded(layers.mixed_10, max_pool=True),
         )
         self.eval().requires_grad_(False)
         self.to(memory_format=torch.channels_last)
