@@ -74,7 +74,16 @@ def evaluate(cfg: DictConfig, out_dir: str | Path) -> list[dict[str, Any]]:
     if rows and fabric.global_rank == 0:
         print(f"resuming: {len(rows)} runs already in {out_dir}/results.json", flush=True)
     points = grid_points(OmegaConf.to_container(cfg.grid, resolve=True))
-    checkpoint_weights = _weights(pipeline) if any(p.ema is not None for p in points) else None
+    checkpoint_weights = None
+    if any(p.ema is not None for p in points):
+        if cfg.get("posthoc_ema") is not None:  # its rows would be labelled as the checkpoint's
+            raise ValueError(
+                f"posthoc_ema={cfg.posthoc_ema} and grid.ema both choose post-hoc EMA lengths: "
+                "give them in grid.ema only (null there: the checkpoint's own weights)"
+            )
+        if cfg.get("adapters") and cfg.get("adapters_merge"):  # the merge would be overwritten
+            raise ValueError("grid.ema needs the adapters unmerged: set adapters_merge=false")
+        checkpoint_weights = _weights(pipeline)
     loaded = None  # the post-hoc EMA length in the networks; None: the checkpoint's
     for point in points:
         for repeat in range(cfg.repeats):

@@ -50,6 +50,8 @@ def load_model(cfg: DictConfig, checkpoint: Checkpoint | None = None) -> Pipelin
             prediction=cfg.diffusion.prediction,
         )
     pipeline = Pipeline.from_checkpoint(checkpoint, ema=cfg.ema, image_size=cfg.image_size, **given)
+    if cfg.get("posthoc_ema") is not None:  # an EMA length chosen after training (before
+        use_posthoc_ema(pipeline, cfg, cfg.posthoc_ema)  # added tokens and adapters)
     if cfg.get("vae"):  # another decoder of the same latents (a decoder fine-tune)
         pipeline.swap_vae(load_vae(cfg.vae))
     for path in cfg.get("embeddings") or []:  # textual-inversion tokens
@@ -58,8 +60,6 @@ def load_model(cfg: DictConfig, checkpoint: Checkpoint | None = None) -> Pipelin
         load_lora(pipeline, str(spec), f"lora{index}")
     if cfg.get("adapters") and cfg.get("adapters_merge"):
         merge_adapters(pipeline.networks())
-    if cfg.get("posthoc_ema") is not None:  # an EMA length chosen after training
-        use_posthoc_ema(pipeline, cfg, cfg.posthoc_ema)
     if cfg.get("exact_denoiser"):  # the network's place taken by its data's exact denoiser
         from ldm.studies.exact_latents import use_exact_denoiser
 
@@ -95,7 +95,7 @@ def load_lora(pipeline: Pipeline, spec: str, name: str) -> list[str]:
 
 
 def read_prompts(cfg: DictConfig) -> list[str]:
-    prompts = list(cfg.prompts or [])
+    prompts = [str(p) for p in cfg.prompts or []]  # prompts=[3]: class 3, as "3"
     if cfg.prompts_file:
         lines = Path(cfg.prompts_file).read_text(encoding="utf-8").splitlines()
         prompts += [line.strip() for line in lines if line.strip()]
@@ -132,10 +132,15 @@ def sample(cfg: DictConfig, out_dir: str | Path) -> list[Path]:
     sampler = instantiate(cfg.sampler)
     prompts = read_prompts(cfg)
     jobs = [(p, cfg.seed + k) for p in prompts for k in range(cfg.num_per_prompt)]
-    labels = (
-        all(re.fullmatch(r"\d+", p) for p in prompts)
-        and getattr(pipeline.conditioner, "input_key", None) == "label"
-    )
+    labels = getattr(pipeline.conditioner, "input_key", None) == "label"
+    if labels:  # a class-conditional model: every prompt a class number
+        classes = pipeline.conditioner.num_classes
+        for prompt in prompts:
+            if not (re.fullmatch(r"\d+", str(prompt)) and int(prompt) < classes):
+                raise ValueError(
+                    f"prompt {prompt!r}: this model is class-conditional; give class numbers "
+                    f"0..{classes - 1} as prompts (e.g. prompts='[\"3\"]')"
+                )
     start, images = time.perf_counter(), []
     for first in range(0, len(jobs), cfg.batch_size):
         chunk = jobs[first : first + cfg.batch_size]

@@ -36,8 +36,11 @@ def read_token(cfg: DictConfig) -> str | None:
 
 def model_overrides(cfg: DictConfig) -> list[str]:
     """The settings that shaped how the model loaded, for the sample.py lines the server
-    returns: ``ema=false``, and the command line's diffusion / model overrides."""
+    returns: ``ema=false``, ``vae=``, and the command line's diffusion / model overrides."""
     out = [] if cfg.ema else ["ema=false"]
+    if cfg.get("vae"):  # the decoder the server swapped in
+        vae = Path(cfg.vae)
+        out.append(f"vae={vae.resolve() if vae.exists() else vae}")
     if HydraConfig.initialized():
         for override in HydraConfig.get().overrides.task:
             key = override.lstrip("+~").split("=", 1)[0]

@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ldm.io import atomic_write
 from ldm.metrics.attributes import RESULT_KEYS as ATTRIBUTE_KEYS
 from ldm.metrics.sweep import GridPoint
 
@@ -145,14 +146,16 @@ def write_results(
     summary = summarize(rows)
     paths = {name: out_dir / f"results.{name}" for name in ("csv", "json", "md")}
     columns = list(dict.fromkeys(k for row in summary for k in row))
-    with paths["csv"].open("w", newline="") as handle:
+    # Atomic: a run killed while writing leaves the previous, resumable results.json.
+    with atomic_write(paths["csv"]) as tmp, tmp.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         writer.writerows(summary)
-    paths["json"].write_text(
-        json.dumps({"meta": meta, "rows": summary, "runs": list(rows)}, indent=2, default=str)
-    )
-    paths["md"].write_text(markdown_table(summary) + "\n")
+    with atomic_write(paths["json"]) as tmp:
+        document = {"meta": meta, "rows": summary, "runs": list(rows)}
+        tmp.write_text(json.dumps(document, indent=2, default=str))
+    with atomic_write(paths["md"]) as tmp:
+        tmp.write_text(markdown_table(summary) + "\n")
     if all("fid" in row for row in summary):
         paths["png"] = plot_fid_vs_nfe(summary, out_dir / "fid_vs_nfe.png")
     if all("attr_joint" in row for row in summary):

@@ -226,7 +226,7 @@ class Checkpoint:
         if "backbone" not in model:
             raise WeightsFileError(f"{self.path} is a {self.task} checkpoint: it has no denoiser")
         networks = nn.ModuleDict({"denoiser": build(model["backbone"])})
-        if model.get("conditioner") and self.weights("conditioner", ema):
+        if model.get("conditioner"):  # built even without weights (class labels on y)
             networks["conditioner"] = build(model["conditioner"])
         if self.config.get("lora"):
             inject_from_config(networks, self.config["lora"])

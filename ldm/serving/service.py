@@ -99,6 +99,8 @@ class ImageService:
                     f"size {size} is not a multiple of {multiple}, which the model needs"
                 )
         self.loaded: dict[str, str] = {}  # adapter file -> adapter name, in load order
+        # The checkpoint's own adapters (a LoRA fine-tune) keep their weights between requests.
+        self._own_adapters = adapter_weights(pipeline.networks())
         self._adapter_count = 0
         self.samplers = {name: _sampler_config(name) for name in SAMPLERS}
         self.labels = getattr(pipeline.conditioner, "input_key", None) == "label"
@@ -240,7 +242,8 @@ class ImageService:
         wanted = {self._load_adapter(file): weight for file, weight in adapters}
         networks = self.pipeline.networks()
         current = adapter_weights(networks)
-        set_adapter_weights(networks, {name: wanted.get(name, 0.0) for name in current})
+        own = self._own_adapters
+        set_adapter_weights(networks, {n: wanted.get(n, own.get(n, 0.0)) for n in current})
 
     def sampler(self, settings: Settings) -> Any:
         options = {

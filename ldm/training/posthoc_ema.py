@@ -90,6 +90,11 @@ def _float_names(network: nn.Module) -> list[str]:
     return [n for n, p in network.named_parameters() if p.dtype.is_floating_point]
 
 
+def _adapter(name: str) -> str | None:
+    """The LoRA adapter a parameter name belongs to (``...lora.<adapter>.down.weight``)."""
+    return name.split(".lora.", 1)[1].split(".", 1)[0] if ".lora." in name else None
+
+
 class PowerEMA(nn.Module):
     """Power-function EMAs of ``network`` for each ``sigma_rel``: ``update(network, step)``
     after optimizer step ``step`` (1-based). Each is an ``EMA`` stepped with the power
@@ -242,7 +247,11 @@ def load_posthoc(
         if not part:
             continue
         own = network.state_dict()
-        missing = sorted(set(_float_names(network)) - set(part))
+        # LoRA adapters loaded after training (``.lora.<name>.``) are not the snapshots' to set.
+        adapters = {_adapter(k) for k in part} - {None}
+        missing = sorted(
+            k for k in set(_float_names(network)) - set(part) if _adapter(k) in adapters | {None}
+        )
         if missing:
             raise ValueError(
                 f"the snapshots in {folder} lack {len(missing)} weights of {name} (e.g. "

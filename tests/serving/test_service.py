@@ -7,10 +7,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from ldm.app.serve import read_token
+from ldm.app.serve import model_overrides, read_token
 from ldm.diffusion.schedules import make_schedule
 from ldm.models.conditioners import ClassEmbedder
 from ldm.models.unet import UNet
+from ldm.nn.lora import adapter_weights, inject_lora
 from ldm.pipeline import Pipeline
 from ldm.serving.api import ImageRequest, _parse
 from ldm.serving.batcher import Job
@@ -89,3 +90,21 @@ def test_a_response_png_is_the_file_sample_py_writes():
     save_image(image * 0.5 + 0.5, theirs, format="png")
     ours = Image.open(io.BytesIO(to_png(image)))
     assert ours.size == (8, 16) and ours.tobytes() == Image.open(theirs).tobytes()
+
+
+def test_the_checkpoints_own_adapter_stays_on_and_the_sample_line_names_the_vae(tmp_path):
+    """A LoRA fine-tune's own adapter (injected when the checkpoint is read) is part of the
+    model: requests that name no adapters keep it at its weight."""
+    torch.manual_seed(0)
+    unet = UNet(in_channels=3, out_channels=3, model_channels=16, channel_multipliers=[1, 2],
+                blocks_per_level=1, attention_levels=[1], num_heads=2, context_dim=None,
+                num_classes=11, norm_groups=8, mid_attention=False)  # fmt: skip
+    inject_lora(unet, "tuned", rank=2)
+    pipeline = Pipeline(unet, ClassEmbedder(10, dim=None), None, make_schedule("linear"),
+                        image_size=(8, 8))  # fmt: skip
+    service = ImageService(pipeline.eval(), checkpoint="tuned")
+    _run(service, labels=[1], steps=2)
+    assert adapter_weights(unet) == {"tuned": 1.0}
+    vae = tmp_path / "vae.ckpt"
+    vae.touch()
+    assert model_overrides(OmegaConf.create({"ema": True, "vae": str(vae)})) == [f"vae={vae}"]

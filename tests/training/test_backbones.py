@@ -169,3 +169,24 @@ def test_checkpoints_from_before_the_backbone_names_load_and_resume(tmp_path):
     resumed = tmp_path / "resumed"
     trainer = train(compose_train(resumed, "trainer.max_steps=3", f"resume={legacy}"), resumed)
     assert trainer.global_step == 3
+
+
+def test_a_class_conditional_checkpoint_samples_by_class_number(tmp_path):
+    """Class labels on the UNet's y path: a conditioner without weights is still built, and
+    sample.py takes class numbers, refusing anything else by name."""
+    run = tmp_path / "run"
+    classes = ["model/conditioner=class_labels", "model.conditioner.num_classes=5"]
+    classes += ["model.backbone.num_classes=6", "model.backbone.context_dim=null"]
+    classes += ["callbacks.samples.prompts=[0,4]", "trainer.max_steps=2"]
+    tiny = [o for o in TINY if not o.startswith("model.conditioner.")]
+    train(compose_train(run, *tiny, *classes, tiny=False), run)
+    checkpoint = run / "checkpoints" / "last.ckpt"
+    assert open_checkpoint(checkpoint).conditioner() is not None
+    out = sample(
+        _sample_cfg(checkpoint, "prompts=[0,'4']", "sampler.steps=2", "num_per_prompt=1"),
+        tmp_path / "s",
+    )
+    assert len(out) == 2
+    for bad in ("5", "a red circle"):
+        with pytest.raises(ValueError, match=f"prompt '{bad}'.*class numbers 0..4"):
+            sample(_sample_cfg(checkpoint, f"prompts=['{bad}']"), tmp_path / "bad")

@@ -8,13 +8,16 @@ import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 from trainutils import CONF, compose_train
 
 from ldm.app.evaluate import evaluate
 from ldm.app.sample import load_model
 from ldm.app.train import train
+from ldm.nn.lora import inject_lora
 from ldm.training.posthoc_ema import (
     gamma_to_sigma_rel,
+    load_posthoc,
     posthoc_coefficients,
     power_beta,
     read_snapshots,
@@ -115,3 +118,11 @@ def test_the_callback_saves_thins_resumes_and_feeds_evaluate(tmp_path):
         torch.testing.assert_close(
             pipeline.denoiser.state_dict()[key.removeprefix("denoiser.")], value
         )
+    # A LoRA adapter added after training is left alone (not "snapshots of another network").
+    inject_lora(pipeline.denoiser, "later", rank=2)
+    adapter = {k: v.clone() for k, v in pipeline.denoiser.state_dict().items() if ".lora." in k}
+    load_posthoc(pipeline.networks(), run / "posthoc_ema", 0.05)
+    for key, value in adapter.items():
+        assert torch.equal(pipeline.denoiser.state_dict()[key], value)
+    with pytest.raises(ValueError, match=r"grid\.ema only"):
+        evaluate(OmegaConf.merge(ecfg, {"posthoc_ema": 0.1}), tmp_path / "eval2")
