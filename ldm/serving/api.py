@@ -239,6 +239,9 @@ def _parse(service: ImageService, request: ImageRequest) -> tuple[Settings, Work
         service.check_labels(request.labels)
         inputs: list[Any] = list(request.labels)
     elif service.pipeline.conditioner is None:
+        for field in ("prompt", "labels", "negative_prompt"):
+            if getattr(request, field) is not None:
+                raise BadRequest(field, f"this model is unconditional: it takes no {field}")
         inputs = [""]
     else:
         if request.prompt is None or request.labels is not None:

@@ -108,3 +108,16 @@ def test_the_checkpoints_own_adapter_stays_on_and_the_sample_line_names_the_vae(
     vae = tmp_path / "vae.ckpt"
     vae.touch()
     assert model_overrides(OmegaConf.create({"ema": True, "vae": str(vae)})) == [f"vae={vae}"]
+
+
+def test_an_unconditional_model_refuses_prompts_and_labels():
+    unet = UNet(in_channels=3, out_channels=3, model_channels=16, channel_multipliers=[1, 2],
+                blocks_per_level=1, attention_levels=[], context_dim=None, norm_groups=8,
+                mid_attention=False)  # fmt: skip
+    pipeline = Pipeline(unet, None, None, make_schedule("linear"), image_size=(8, 8))
+    service = ImageService(pipeline.eval(), checkpoint="unconditional")
+    assert len(_run(service, n=2, steps=2)[2]) == 2
+    for body in ({"prompt": "a cat"}, {"labels": [1]}, {"negative_prompt": "a dog"}):
+        with pytest.raises(BadRequest, match="unconditional") as err:
+            _parse(service, ImageRequest(**body))
+        assert err.value.field == next(iter(body))
