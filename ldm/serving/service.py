@@ -166,9 +166,10 @@ class ImageService:
             )
 
     def check_size(self, size: int | Sequence[int] | None) -> tuple[int, int]:
-        if size is None:
-            return tuple(self.pipeline.image_size)
-        pair = (size, size) if isinstance(size, int) else tuple(size)
+        pair = tuple(self.pipeline.image_size) if size is None else size
+        pair = (pair, pair) if isinstance(pair, int) else tuple(pair)
+        if size is None and pair not in self.sizes:  # the model's own size is not served
+            raise BadRequest("size", f"give size: this server serves {self.sizes}")
         if len(pair) != 2 or pair not in self.sizes:
             raise BadRequest("size", f"size {list(pair)} is not served; use one of {self.sizes}")
         return pair

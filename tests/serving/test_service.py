@@ -107,7 +107,8 @@ def test_the_checkpoints_own_adapter_stays_on_and_the_sample_line_names_the_vae(
     assert adapter_weights(unet) == {"tuned": 1.0}
     vae = tmp_path / "vae.ckpt"
     vae.touch()
-    assert model_overrides(OmegaConf.create({"ema": True, "vae": str(vae)})) == [f"vae={vae}"]
+    lines = model_overrides(OmegaConf.create({"ema": True, "vae": str(vae)}))
+    assert lines[0] == f"vae={vae}"  # then the command line's model overrides, if any
 
 
 def test_an_unconditional_model_refuses_prompts_and_labels():
@@ -117,6 +118,10 @@ def test_an_unconditional_model_refuses_prompts_and_labels():
     pipeline = Pipeline(unet, None, None, make_schedule("linear"), image_size=(8, 8))
     service = ImageService(pipeline.eval(), checkpoint="unconditional")
     assert len(_run(service, n=2, steps=2)[2]) == 2
+    larger = ImageService(pipeline, checkpoint="unconditional", sizes=[16])
+    with pytest.raises(BadRequest, match=r"give size: .*\(16, 16\)"):
+        _parse(larger, ImageRequest())
+    assert _parse(larger, ImageRequest(size=16))[0].size == (16, 16)
     for body in ({"prompt": "a cat"}, {"labels": [1]}, {"negative_prompt": "a dog"}):
         with pytest.raises(BadRequest, match="unconditional") as err:
             _parse(service, ImageRequest(**body))
