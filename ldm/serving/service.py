@@ -202,6 +202,7 @@ class ImageService:
                 path = (self.adapters_dir / name).resolve()
                 inside = not Path(name).is_absolute() and ".." not in Path(name).parts
                 exists = inside and path.parent == self.adapters_dir and path.is_file()
+                exists = exists and path.suffix in ADAPTER_SUFFIXES  # what adapters() lists
             except (ValueError, OSError):  # a NUL byte, a name too long
                 inside = exists = False
             if not inside or path.parent != self.adapters_dir:

@@ -46,6 +46,7 @@ def model(tmp_path_factory):
     metadata = {"ldm_lora": json.dumps(info)}  # an adapter of another model: one layer off
     save_safetensors(adapters / "other_model.safetensors", tensors, metadata)
     (adapters / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    (adapters / "notes.txt").write_text("not an adapter")  # never listed, never loaded
     (root / "outside.safetensors").write_bytes((adapters / "style.safetensors").read_bytes())
     (root / "token").write_text(TOKEN + "\n")
     return {"checkpoint": checkpoint, "adapters": adapters, "root": root}

@@ -142,7 +142,8 @@ def test_adapters_act_by_weight_and_stay_in_their_folder(server, model):
     assert png() == plain  # nothing left over from the last batch
     for name in ("../outside.safetensors", str(model["root"] / "outside.safetensors")):
         assert _field(_post(server, prompt=PROMPT, adapters={name: 1.0}))[1:] == ["adapters", name]
-    assert _field(_post(server, prompt=PROMPT, adapters={"missing.safetensors": 1.0}))
+    for name in ("missing.safetensors", "notes.txt"):
+        assert _field(_post(server, prompt=PROMPT, adapters={name: 1.0}))[1:] == ["adapters", name]
     assert _field(_post(server, prompt=PROMPT, adapters={"style.safetensors": float("1e9")}))
     for bad in ("broken.safetensors", "other_model.safetensors"):  # corrupt; wrong shapes
         response = _post(server, prompt=PROMPT, steps=2, adapters={bad: 1.0})
