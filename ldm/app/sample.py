@@ -141,6 +141,11 @@ def sample(cfg: DictConfig, out_dir: str | Path) -> list[Path]:
                     f"prompt {prompt!r}: this model is class-conditional; give class numbers "
                     f"0..{classes - 1} as prompts (e.g. prompts='[\"3\"]')"
                 )
+    elif hasattr(pipeline.conditioner, "token_count"):  # said, not cut silently
+        limit = pipeline.conditioner.max_length
+        for prompt in dict.fromkeys(prompts):
+            if (count := pipeline.conditioner.token_count(prompt)) > limit:
+                log.warning("prompt %r is %d tokens; the model reads %d: cut", prompt, count, limit)
     start, images = time.perf_counter(), []
     for first in range(0, len(jobs), cfg.batch_size):
         chunk = jobs[first : first + cfg.batch_size]

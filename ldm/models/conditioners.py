@@ -88,6 +88,10 @@ class _TextConditioner(nn.Module):
         longer than ``max_length`` are cut and end in EOT."""
         return self.tokenizer(_check_captions(texts), context_length=self.max_length)
 
+    def token_count(self, text: str) -> int:
+        """The tokens ``text`` takes, SOT and EOT included (over ``max_length``: cut)."""
+        return len(self.tokenizer.encode(text)) + 2
+
     def encode(self, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
         """Captions -> token states (B, max_length, width) and pooled vectors (B, P)."""
         device = next(self.parameters()).device

@@ -154,10 +154,9 @@ class ImageService:
                 field, f"the prompt is {len(text)} characters; at most {MAX_PROMPT_CHARS}"
             )
         conditioner = self.pipeline.conditioner
-        tokenizer = getattr(conditioner, "tokenizer", None)
-        if tokenizer is None or not hasattr(tokenizer, "encode"):
+        if not hasattr(conditioner, "token_count"):
             return
-        count = len(tokenizer.encode(text)) + 2  # start and end tokens
+        count = conditioner.token_count(text)
         if count > conditioner.max_length:
             raise BadRequest(
                 field,

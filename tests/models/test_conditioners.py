@@ -124,6 +124,8 @@ def test_tokenization_offline(no_network, encoder):
     assert tokens[2, :3].tolist() == [sot, eot, 0]
     long = encoder.tokenize(["word " * 200])
     assert long[0, -1] == eot and (long[0] != 0).all()
+    assert [encoder.token_count(c) for c in CAPTIONS] == (tokens != 0).sum(1).tolist()
+    assert encoder.token_count("word " * 200) == 202  # what tokenize cuts to 77
     assert TransformerTextEncoder(width=32, depth=1)(CAPTIONS)["context"].shape == (3, 77, 32)
 
 
