@@ -136,10 +136,10 @@ def sample(cfg: DictConfig, out_dir: str | Path) -> list[Path]:
     if labels:  # a class-conditional model: every prompt a class number
         classes = pipeline.conditioner.num_classes
         for prompt in prompts:
-            if not (re.fullmatch(r"\d+", str(prompt)) and int(prompt) < classes):
+            if not (re.fullmatch(r"\d+", prompt) and int(prompt) < classes):
                 raise ValueError(
                     f"prompt {prompt!r}: this model is class-conditional; give class numbers "
-                    f"0..{classes - 1} as prompts (e.g. prompts='[\"3\"]')"
+                    f"0..{classes - 1} as prompts (e.g. prompts=[3])"
                 )
     elif hasattr(pipeline.conditioner, "token_count"):  # said, not cut silently
         limit = pipeline.conditioner.max_length

@@ -165,10 +165,11 @@ class ImageService:
             )
 
     def check_size(self, size: int | Sequence[int] | None) -> tuple[int, int]:
-        pair = tuple(self.pipeline.image_size) if size is None else size
-        pair = (pair, pair) if isinstance(pair, int) else tuple(pair)
-        if size is None and pair not in self.sizes:  # the model's own size is not served
-            raise BadRequest("size", f"give size: this server serves {self.sizes}")
+        if size is None:
+            if tuple(self.pipeline.image_size) not in self.sizes:  # its own size not served
+                raise BadRequest("size", f"give size: this server serves {self.sizes}")
+            return tuple(self.pipeline.image_size)
+        pair = (size, size) if isinstance(size, int) else tuple(size)
         if len(pair) != 2 or pair not in self.sizes:
             raise BadRequest("size", f"size {list(pair)} is not served; use one of {self.sizes}")
         return pair
