@@ -102,6 +102,7 @@ class ImageService:
         # The checkpoint's own adapters (a LoRA fine-tune) keep their weights between requests.
         self._own_adapters = adapter_weights(pipeline.networks())
         self._adapter_count = 0
+        self._sized: dict[tuple[int, int], Pipeline] = {}  # the pipeline at other sizes
         self.samplers = {name: _sampler_config(name) for name in SAMPLERS}
         self.labels = getattr(pipeline.conditioner, "input_key", None) == "label"
 
@@ -273,8 +274,10 @@ class ImageService:
         if any(w.negative for w in works):
             negative = [n for w in works for n in (w.negative or [""] * len(w.seeds))]
         pipeline = self.pipeline
-        if settings.size != tuple(pipeline.image_size):
-            pipeline = replace(pipeline, image_size=settings.size)
+        if settings.size != tuple(pipeline.image_size):  # a view per size, kept: its fp32
+            if settings.size not in self._sized:  # VAE fallback is copied once, not per batch
+                self._sized[settings.size] = replace(pipeline, image_size=settings.size)
+            pipeline = self._sized[settings.size]
         images = pipeline.generate(
             inputs,
             self.sampler(settings),
