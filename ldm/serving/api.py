@@ -9,7 +9,7 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, Literal
 
@@ -27,6 +27,8 @@ from pydantic import BaseModel, Field
 
 from ldm.serving.batcher import Batcher, QueueFull
 from ldm.serving.service import BadRequest, ImageService, Settings, Work
+
+DISCONNECT_POLL_S = 0.25  # how often a waiting request checks that its client is still there
 
 log = logging.getLogger(__name__)
 
@@ -141,22 +143,16 @@ def create_app(
     def models() -> dict[str, Any]:
         return service.describe()
 
-    @app.middleware("http")
-    async def count(request: Request, call_next: Callable) -> Response:
-        """Every answer of /v1/images by status (401 and FastAPI's 422 too), and its time."""
-        if request.url.path != "/v1/images":
-            return await call_next(request)
-        start = time.perf_counter()
-        response = await call_next(request)
-        metric["requests"].labels(str(response.status_code)).inc()
-        metric["latency"].observe(time.perf_counter() - start)
-        return response
+    app.add_middleware(_Count, metric=metric)
 
     @app.post("/v1/images", dependencies=protected)
-    async def images(request: ImageRequest) -> Response:
+    async def images(request: ImageRequest, http: Request) -> Response:
         try:
             settings, work = _parse(service, request)
-            pngs = await state["batcher"].submit(settings, len(work.seeds), work, timeout)
+            job = state["batcher"].submit(settings, len(work.seeds), work, timeout)
+            pngs = await _unless_gone(http, job)
+        except ClientGone:  # nobody to answer; 499, nginx's "client closed request"
+            return Response(status_code=499)
         except Exception as err:
             return _failure(err, retry=max(1, math.ceil(max_wait + timeout / 10)), timeout=timeout)
         metric["images"].inc(len(pngs))
@@ -180,6 +176,49 @@ def _lifespan(
         await batcher.stop()
 
     return lifespan
+
+
+class _Count:
+    """Every answer of /v1/images by status (401 and FastAPI's 422 too), and its time. Pure
+    ASGI (not ``@app.middleware``), so that the endpoint still sees its client disconnect."""
+
+    def __init__(self, app: Any, metric: dict[str, Any]):
+        self.app, self.metric = app, metric
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http" or scope["path"] != "/v1/images":
+            return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), 500
+
+        async def sending(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            self.metric["requests"].labels(str(status)).inc()
+            self.metric["latency"].observe(time.perf_counter() - start)
+
+
+class ClientGone(Exception):
+    """The client disconnected before its images were ready."""
+
+
+async def _unless_gone(http: Request, work: Awaitable[Any]) -> Any:
+    """``work``'s result; cancelled when the client disconnects first, so that a queued job
+    it had not started is dropped (a batch already running finishes)."""
+    task = asyncio.ensure_future(work)
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+        if done:
+            return task.result()
+        if await http.is_disconnected():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            raise ClientGone
 
 
 def _failure(err: Exception, *, retry: int, timeout: float) -> JSONResponse:

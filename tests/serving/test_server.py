@@ -11,6 +11,7 @@ import shlex
 import signal
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -244,3 +245,25 @@ def test_sigterm_finishes_in_flight_requests_then_exits_0(model):
         assert result["response"].status_code == 200
         with pytest.raises(httpx.TransportError):
             httpx.get(f"{url}/healthz", timeout=2)
+
+
+def test_a_queued_request_whose_client_left_is_dropped(model):
+    with ldm_serve(
+        f"checkpoint={model['checkpoint']}",
+        "max_batch=1",
+        "max_images=1",
+        "max_wait_ms=0",
+        "max_steps=1000",
+    ) as (url, _):
+        body = {"prompt": PROMPT, "steps": 1000}
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(httpx.post, f"{url}/v1/images", json=body, timeout=120)
+            _until(lambda: _gauges(url)["ldm_images_in_progress"] == 1)
+            with pytest.raises(httpx.TimeoutException):  # the second gives up while queued
+                httpx.post(f"{url}/v1/images", json=body, timeout=0.05)
+            assert first.result().status_code == 200
+        _until(lambda: sum(_gauges(url).values()) == 0)  # nothing waits, nothing runs
+        time.sleep(0.5)  # a second batch would have started by now
+        text = httpx.get(f"{url}/metrics").text
+        assert "ldm_batch_images_count 1.0" in text  # the first request's batch only
+        assert 'ldm_requests_total{status="499"} 1.0' in text
