@@ -151,7 +151,7 @@ def create_app(
             settings, work = _parse(service, request)
             job = state["batcher"].submit(settings, len(work.seeds), work, timeout)
             pngs = await _unless_gone(http, job)
-        except ClientGone:  # nobody to answer; 499, nginx's "client closed request"
+        except _ClientGone:  # nobody to answer; 499, nginx's "client closed request"
             return Response(status_code=499)
         except Exception as err:
             return _failure(err, retry=max(1, math.ceil(max_wait + timeout / 10)), timeout=timeout)
@@ -203,7 +203,7 @@ class _Count:
             self.metric["latency"].observe(time.perf_counter() - start)
 
 
-class ClientGone(Exception):
+class _ClientGone(Exception):
     """The client disconnected before its images were ready."""
 
 
@@ -218,7 +218,7 @@ async def _unless_gone(http: Request, work: Awaitable[Any]) -> Any:
         if await http.is_disconnected():
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-            raise ClientGone
+            raise _ClientGone
 
 
 def _failure(err: Exception, *, retry: int, timeout: float) -> JSONResponse:

@@ -14,6 +14,7 @@ from hydra import compose, initialize_config_dir
 from ldm.app.evaluate import evaluate, previous_runs
 from ldm.app.sample import load_model
 from ldm.app.train import train
+from ldm.metrics.results import write_results
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "training"))
@@ -339,3 +340,23 @@ def test_the_fid_callback_takes_any_sampler_option():
     assert FIDCallback(every_n_steps=1).point.label == "ddim, eta 0, trailing, guidance 3"
     with pytest.raises(ValueError, match=r"'ddpm' takes no option.*eta"):
         FIDCallback(every_n_steps=1, sampler="ddpm", eta=0.5)
+
+
+def test_results_are_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A stop while results.json is written leaves the previous file, which resumes."""
+    row = {"sampler": "ddim", "steps": 10, "guidance": 1.0, "spacing": "trailing", "eta": 0.0}
+    row |= {"options": {}, "repeat": 0, "n": 4, "nfe": 10.0, "seconds_per_image": 0.1}
+    write_results([row | {"fid": 12.5}], tmp_path, {"seed": 0})
+    before = (tmp_path / "results.json").read_text()
+    write_text = Path.write_text
+
+    def killed_midway(self, text, *args, **kwargs):
+        write_text(self, text[: len(text) // 2], *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "write_text", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        write_results([row | {"fid": 12.5}, row | {"repeat": 1, "fid": 13.0}], tmp_path, {})
+    monkeypatch.undo()
+    assert (tmp_path / "results.json").read_text() == before
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # none left
