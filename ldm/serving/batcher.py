@@ -1,8 +1,9 @@
 """Dynamic batching: requests with the same settings (the same ``key``) that arrive within
 ``max_wait`` seconds of the first one run as one batch of at most ``max_batch`` images.
 
-One worker thread runs the batches, one at a time (the model is shared and holds the
-adapters' weights); the event loop keeps accepting requests meanwhile. Requests that do
+A worker thread runs the batches, one at a time (the model is shared and holds the
+adapters' weights); the event loop keeps accepting requests meanwhile. The thread is a
+daemon: a batch still running at shutdown does not hold the process past it. Requests that do
 not fit the batch being gathered wait for the next one, in arrival order.
 """
 
@@ -10,9 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
 from collections.abc import Callable, Hashable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,7 +57,6 @@ class Batcher:
         self.pending: list[Job] = []
         self.running = 0  # images in the batch being computed
         self._wake = asyncio.Event()
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="ldm-batch")
         self._task: asyncio.Task | None = None
 
     @property
@@ -81,7 +81,6 @@ class Batcher:
         for job in self.pending:
             job.future.cancel()
         self.pending.clear()
-        self._executor.shutdown(wait=False, cancel_futures=True)  # never block the loop
 
     async def submit(
         self, key: Hashable, size: int, payload: Any, timeout: float | None = None
@@ -141,7 +140,7 @@ class Batcher:
             if self.on_batch is not None:
                 self.on_batch(self.running)
             try:
-                results = await loop.run_in_executor(self._executor, self.run, batch)
+                results = await _in_daemon_thread(loop, self.run, batch)
             except Exception as err:  # the batch fails, the server does not
                 for job in batch:
                     if not job.future.done():
@@ -152,3 +151,31 @@ class Batcher:
                         job.future.set_result(result)
             finally:
                 self.running = 0
+
+
+def _in_daemon_thread(
+    loop: asyncio.AbstractEventLoop, fn: RunBatch, batch: list[Job]
+) -> asyncio.Future:
+    """``fn(batch)`` in a daemon thread, as a future of ``loop``. Unlike an executor's
+    worker, which the interpreter joins at exit, a daemon thread never delays the exit."""
+    future = loop.create_future()
+
+    def settle(error: BaseException | None, result: Any) -> None:
+        if future.done():  # cancelled meanwhile
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    def work() -> None:
+        error, result = None, None
+        try:
+            result = fn(batch)
+        except BaseException as err:  # handed to the awaiting loop, as an executor would
+            error = err
+        with contextlib.suppress(RuntimeError):  # the loop closed: nobody waits any more
+            loop.call_soon_threadsafe(settle, error, result)
+
+    threading.Thread(target=work, name="ldm-batch", daemon=True).start()
+    return future

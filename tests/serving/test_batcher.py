@@ -2,6 +2,8 @@
 when the queue is full, a job times out, or a batch fails."""
 
 import asyncio
+import subprocess
+import sys
 import threading
 import time
 
@@ -102,3 +104,34 @@ def test_requests_larger_than_a_batch_are_refused():
     batcher = Batcher(_Recorder(), max_batch=2)
     with pytest.raises(ValueError, match="exceed the batch size"):
         asyncio.run(_with(batcher, batcher.submit("a", 3, 1)))
+
+
+def test_a_batch_running_at_shutdown_does_not_hold_the_process():
+    # An executor's worker thread is joined at interpreter exit, so a long batch would keep
+    # the process alive past the server's shutdown timeout; the batch thread must not.
+    script = """
+import asyncio, time
+from ldm.serving.batcher import Batcher
+
+def run(jobs):
+    time.sleep(60)
+    return [None for _ in jobs]
+
+async def main():
+    batcher = Batcher(run, max_wait=0)
+    batcher.start()
+    request = asyncio.ensure_future(batcher.submit("k", 1, None))
+    while not batcher.running:
+        await asyncio.sleep(0.01)
+    await batcher.stop()
+    request.cancel()
+    print("stopped", flush=True)
+
+asyncio.run(main())
+"""
+    start = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=50
+    )
+    assert done.returncode == 0 and "stopped" in done.stdout, done.stderr
+    assert time.monotonic() - start < 30  # not the batch's 60 s
