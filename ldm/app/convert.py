@@ -3,12 +3,15 @@
     python -m ldm.convert action=inspect src=model.safetensors
     python -m ldm.convert action=to-diffusers src=model.safetensors out=out_dir/  (or our .ckpt)
     python -m ldm.convert action=from-diffusers src=pipeline_dir/ out=model.safetensors
+    python -m ldm.convert action=prune src=run/checkpoints/last.ckpt out=model.safetensors
 
 ``to-diffusers`` takes an SD single file or one of ours (UNet, DiT or MMDiT: ``unet/`` or
 ``transformer/``, and ``vae/``). Our UNet uses the original layout, so ``from-diffusers``
 writes a single file that original-layout tools load too; the constructor configs go into
 its metadata. A diffusers DiT / SD3 folder has no single-file form: every tool reads the
-folder itself (``checkpoint=<folder>``).
+folder itself (``checkpoint=<folder>``). ``prune`` keeps of one of our training checkpoints
+what sampling reads (its EMA weights, or the trained ones with ``ema=false``, the VAE and
+the training config): a fraction of the file, the same samples.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from ldm.convert.stable_diffusion import (
     save_diffusers_folder,
     split_checkpoint,
 )
-from ldm.io import WeightsFileError, save_safetensors
+from ldm.io import WeightsFileError, file_digest, save_safetensors
 from ldm.models.unet import UNet
 from ldm.models.vae import SD_VAE_SCALE
 from ldm.pipeline import open_checkpoint
@@ -107,7 +110,26 @@ def _from_diffusers(src: Path, out: Path) -> None:
     print(f"wrote {out} ({', '.join(k[:-7] for k in metadata)}; configs in its metadata)")
 
 
-ACTIONS = ("inspect", "to-diffusers", "from-diffusers")
+def _prune(src: Path, out: Path, ema: bool) -> None:
+    checkpoint = open_checkpoint(src)
+    if checkpoint.format != "ours":
+        raise WeightsFileError(f"{src} is not a train.py checkpoint: action=prune takes ours")
+    trained = any(k.startswith("networks.") for k in checkpoint.tensors)
+    if ema and trained and not checkpoint.has_ema:
+        raise WeightsFileError(f"{src} holds no EMA weights: pass ema=false to keep its own")
+    tensors = {}
+    for part in ("denoiser", "conditioner"):  # sampling reads networks.* when no EMA is left
+        weights = checkpoint.weights(part, ema) if trained else {}
+        tensors.update({f"networks.{part}.{k}": v for k, v in weights.items()})
+    tensors.update({f"vae.{k}": v for k, v in checkpoint.weights("vae").items()})
+    weights = "ema" if ema and trained else "trained"
+    provenance = {"pruned_from": src.name, "source_sha256": file_digest(src), "weights": weights}
+    save_safetensors(out, tensors, {**checkpoint.metadata, "ldm_prune": json.dumps(provenance)})
+    size = sum(v.numel() * v.element_size() for v in tensors.values()) / 2**20
+    print(f"wrote {out}: {len(tensors)} tensors, {size:.1f} MiB ({weights} weights, VAE, config)")
+
+
+ACTIONS = ("inspect", "to-diffusers", "from-diffusers", "prune")
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="convert")
@@ -124,5 +146,7 @@ def main(cfg: DictConfig) -> None:
         raise ValueError(f"action={cfg.action} writes to out=...; add it")
     if cfg.action == "to-diffusers":
         _to_diffusers(src, Path(cfg.out), cfg.vae_scale_factor or SD_VAE_SCALE)
+    elif cfg.action == "prune":
+        _prune(src, Path(cfg.out), cfg.ema)
     else:
         _from_diffusers(src, Path(cfg.out))
