@@ -64,20 +64,28 @@ DDIM_QUALITY := num_samples=1000 reference_count=1000 cache_dir=$(BENCH)/referen
 # The DDIM paper's eta x steps table on the model of benchmark-shapes, with its network and
 # with the exact denoiser of its training latents, unguided and at guidance 3: n = 1000,
 # 3 seeds at 10-100 steps (part few, the paper's), 1 seed at 1000 steps (many); each network
-# table followed by its exact-denoiser twin. The runs behind docs/ddim-study.md are in
-# docs/data/ddim_study/ (copy them into $(DDIM) to extend them: evaluate.py resumes them only
-# for bit-identical weights). Then the network error's dose: eta 0 against eta 1 at 10 steps
-# for the model every 2000 training steps (unguided, 2 seeds); the same tables at 3 and 5
-# steps (fewest: where discretisation error dominates); and the same eta x steps on the 2-D
-# Gaussian mixture of study.py, whose exact denoiser is that of a continuous distribution
-# (3 seeds, seconds). Runs already in a part's results.json are kept (evaluate.py
-# resume=true), so the hours it takes on a CPU can be spread over several invocations.
+# table followed by its exact-denoiser twin. The model is DDIM_CKPT: by default the published
+# weights of benchmark-shapes' model (trained by that command; pruned to what sampling
+# reads), so no training is needed and every machine studies the same weights; give
+# DDIM_CKPT=$(BENCH)/ldm/checkpoints/last.ckpt to study your own training (trained first
+# when missing). The runs behind docs/ddim-study.md on the published weights are in
+# docs/data/ddim_study_published/: copy them into $(DDIM) to extend them (evaluate.py resumes
+# them only for bit-identical weights). Then the network error's dose: eta 0 against eta 1
+# at 10 steps for the checkpoints benchmark-shapes saved every 2000 training steps, when
+# there are any (unguided, 2 seeds); the same tables at 3 and 5 steps (fewest: where
+# discretisation error dominates); and the same eta x steps on the 2-D Gaussian mixture of
+# study.py, whose exact denoiser is that of a continuous distribution (3 seeds, seconds).
+# Runs already in a part's results.json are kept (evaluate.py resume=true), so the hours it
+# takes on a CPU can be spread over several invocations.
+DDIM_CKPT ?= docs/data/benchmark_shapes/ldm.safetensors
+
 ddim-study: $(STAMP)  ## the DDIM eta x steps comparison, network vs exact denoiser (docs/ddim-study.md)
-	test -f $(BENCH)/ldm/checkpoints/last.ckpt || $(MAKE) benchmark-shapes
-	test -f $(BENCH)/latents/train/cache.json || $(PYTHON) -m ldm.data.latents \
-		vae=$(BENCH)/vae/checkpoints/last.ckpt out=$(BENCH)/latents data=shapes 'splits=[train]'
+	test -f $(DDIM_CKPT) || $(MAKE) benchmark-shapes
+	test -f $(DDIM)/latents/train/cache.json || $(PYTHON) -m ldm.data.latents \
+		vae=$(DDIM_CKPT) out=$(DDIM)/latents data=shapes 'splits=[train]'
 	$(MAKE) ddim-grid PARTS="few many"
 	for ckpt in $(BENCH)/ldm/checkpoints/step_*.ckpt; do \
+		[ -f "$$ckpt" ] || { echo "no training checkpoints in $(BENCH): no eta gap along training"; break; }; \
 		$(PYTHON) evaluate.py checkpoint=$$ckpt $(DDIM_QUALITY) \
 			hydra.run.dir=$(DDIM)/quality/$$(basename $$ckpt .ckpt) || exit 1; \
 	done
@@ -87,7 +95,7 @@ ddim-study: $(STAMP)  ## the DDIM eta x steps comparison, network vs exact denoi
 		hydra.sweep.dir=$(DDIM)/analytic \
 		'hydra.sweep.subdir=g$${guidance}-eta$${sampler_options.ddim.eta}-seed$${seed}'
 	$(PYTHON) benchmarks/fid_floors.py $(BENCH)/reference_stats --data shapes \
-		--vae $(BENCH)/vae/checkpoints/last.ckpt --n 1000
+		--vae $(DDIM_CKPT) --n 1000
 	$(MAKE) ddim-tables
 
 PARTS := few many fewest
@@ -96,8 +104,8 @@ ddim-grid: $(STAMP)  ## the eta x steps tables of ddim-study only (PARTS="few ma
 		compile=false; case $$part in few) steps='[10,20,50,100]'; repeats=3;; \
 			fewest) steps='[3,5]'; repeats=3;; many) steps='[1000]'; repeats=1; compile=true;; \
 			*) echo "unknown part $$part: few, many or fewest"; exit 2;; esac; \
-		exact=null; [ $$model = exact ] && exact=$(BENCH)/latents && compile=false; \
-		$(PYTHON) evaluate.py checkpoint=$(BENCH)/ldm/checkpoints/last.ckpt $(DDIM_GRID) \
+		exact=null; [ $$model = exact ] && exact=$(DDIM)/latents && compile=false; \
+		$(PYTHON) evaluate.py checkpoint=$(DDIM_CKPT) $(DDIM_GRID) \
 			"grid.steps=$$steps" repeats=$$repeats "grid.guidance=[$$g]" compile=$$compile \
 			exact_denoiser=$$exact hydra.run.dir=$(DDIM)/$$model-g$$g-$$part || exit 1; \
 	done; done; done
