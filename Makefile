@@ -28,7 +28,7 @@ quickstart: $(STAMP)  ## tiny VAE + latent diffusion on the built-in shapes, the
 
 BENCH := $(or $(LDM_OUTPUT_DIR),outputs)/benchmark_shapes
 
-benchmark-shapes: $(STAMP)  ## the shapes models trained toward their floors (75 min-3 h on 2 cores; docs/benchmark-shapes.md)
+benchmark-shapes: $(STAMP)  ## the shapes models trained toward their floors (67 min-3 h on 2 cores; docs/benchmark-shapes.md)
 	$(PYTHON) train.py experiment=shapes_vae name=benchmark_shapes/vae \
 		model.vae.base_channels=32 data.batch_size=16 trainer.max_steps=12000 \
 		trainer.val_check_interval=2000 callbacks.checkpoint.every_n_train_steps=2000 \
