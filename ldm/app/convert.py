@@ -119,14 +119,15 @@ def _prune(src: Path, out: Path, ema: bool) -> None:
         raise WeightsFileError(f"{src} holds no EMA weights: pass ema=false to keep its own")
     tensors = {}
     for part in ("denoiser", "conditioner"):  # sampling reads networks.* when no EMA is left
-        weights = checkpoint.weights(part, ema) if trained else {}
-        tensors.update({f"networks.{part}.{k}": v for k, v in weights.items()})
+        tensors.update(
+            {f"networks.{part}.{k}": v for k, v in checkpoint.weights(part, ema).items()}
+        )
     tensors.update({f"vae.{k}": v for k, v in checkpoint.weights("vae").items()})
-    weights = "ema" if ema and trained else "trained"
-    provenance = {"pruned_from": src.name, "source_sha256": file_digest(src), "weights": weights}
+    kind = "ema" if ema and trained else "trained"
+    provenance = {"pruned_from": src.name, "source_sha256": file_digest(src), "weights": kind}
     save_safetensors(out, tensors, {**checkpoint.metadata, "ldm_prune": json.dumps(provenance)})
     size = sum(v.numel() * v.element_size() for v in tensors.values()) / 2**20
-    print(f"wrote {out}: {len(tensors)} tensors, {size:.1f} MiB ({weights} weights, VAE, config)")
+    print(f"wrote {out}: {len(tensors)} tensors, {size:.1f} MiB ({kind} weights, VAE, config)")
 
 
 ACTIONS = ("inspect", "to-diffusers", "from-diffusers", "prune")
