@@ -151,6 +151,24 @@ def test_channels_last_gives_the_same_output():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("linear_projection", [False, True])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_every_convolution_sees_the_layout_the_network_is_in(linear_projection, layout):
+    # A transformer's output is a channels-last view of its tokens; had it leaked, every
+    # later convolution of a plain network would run in NHWC and copy its weights to match.
+    model = randomize(_tiny(linear_projection=linear_projection)).to(memory_format=layout)
+    seen = []
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.GroupNorm)):
+            module.register_forward_pre_hook(
+                lambda m, args: seen.append(args[0].is_contiguous(memory_format=layout))
+            )
+    x = torch.randn(2, 4, 8, 8).contiguous(memory_format=layout)
+    out = model(x, torch.tensor([1.0, 2.0]), torch.randn(2, 5, 16))
+    assert len(seen) > 20 and all(seen)
+    assert out.is_contiguous(memory_format=layout)
+
+
 def test_conditioning_inputs_are_checked():
     model = _tiny(num_classes=3)
     x, t, context = torch.randn(1, 4, 8, 8), torch.tensor([1.0]), torch.randn(1, 5, 16)
