@@ -10,19 +10,11 @@ no parameters), which small latents need to learn where a caption puts things.
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
 from ldm.nn.embeddings import grid_embedding
-
-
-def _memory_format(x: Tensor) -> torch.memory_format:
-    """Channels-last when ``x`` is laid out so (and is not also plain contiguous)."""
-    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 class CrossAttention(nn.Module):
@@ -155,7 +147,7 @@ class SpatialTransformer(nn.Module):
             x = self.proj_out(x)
         x = rearrange(x, "b (h w) c -> b c h w", h=h, w=w)  # a channels-last view
         if not self.linear_projection:
-            x = self.proj_out(x.contiguous(memory_format=_memory_format(residual)))
+            x = self.proj_out(x)
         # the residual first: the sum takes its layout, so the feature map leaves in the
         # layout it came in (a channels-last view here would switch every later convolution
         # to NHWC, each copying its weights to match)
