@@ -6,7 +6,7 @@ Same configuration, same weights, same inputs and noise for every variant. diffu
 as its users run it: defaults, eager, ``torch.optim.AdamW()`` with its default
 implementation. Our variants add one lever at a time (fused AdamW, channels-last weights,
 ``torch.compile``) and end with ``ours`` — what ``train.py`` uses by default for that
-network (``conf/task``: fused AdamW; channels-last for the VAE).
+network (``conf/task``: fused AdamW and channels-last weights).
 
 Time: all variants of one model in one process, their steps interleaved, so machine noise
 hits all alike (median of ``--steps``). Memory: each variant in a fresh process, so its
@@ -50,7 +50,7 @@ VARIANTS = {
     "+ channels_last": ("ldm", {"fused": True}, True, False),
     "+ compile": ("ldm", {"fused": True}, None, True),  # None: the format `ours` uses
 }
-CHANNELS_LAST = {"unet": False, "vae": True}  # what train.py uses (conf/task/*.yaml)
+CHANNELS_LAST = {"unet": True, "vae": True}  # what train.py uses (conf/task/*.yaml)
 
 
 def _preset(network: str, preset: str) -> dict:

@@ -60,7 +60,7 @@ class LatentDiffusion(L.LightningModule):
         ema_decay: float | None = 0.9999,  # None: no EMA
         image_size: int | Sequence[int] = 32,  # pixels of generated images
         scale_batches: int = 8,  # batches that estimate the latent scale when unset
-        channels_last: bool = False,  # channels-last conv weights (ldm.training.speed)
+        channels_last: bool = True,  # channels-last conv weights (ldm.training.speed)
         compile: bool | str | Mapping[str, Any] = False,  # torch.compile the training denoiser
         seed: int = 0,
     ):
