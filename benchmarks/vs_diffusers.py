@@ -10,7 +10,9 @@ network (``conf/task``: fused AdamW and channels-last weights).
 
 Time: all variants of one model in one process, their steps interleaved, so machine noise
 hits all alike (median of ``--steps``). Memory: each variant in a fresh process, so its
-peak resident memory (VmHWM minus what the process held before the first step) is its own.
+peak resident memory (VmHWM minus what the process held before the first step) is its own;
+and the peak of live tensor memory over two steps of a fresh copy, from the profiler's
+allocation events (what the step needs, without the allocator's caching and fragmentation).
 Op-level levers (a fused GroupNorm + SiLU in eager PyTorch, the CPU SDPA kernels) are timed
 on their own with ``--ops``. Run by hand; diffusers is a test / benchmark oracle only.
 
@@ -163,14 +165,36 @@ def _peak_rss_kib() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
+def _peak_tensor_bytes(step: Callable[[], None], steps: int) -> int:
+    """The most tensor memory alive at once over ``steps`` steps, above what was alive
+    before the first: gradients, optimizer states and activations, counted by the
+    profiler's allocation events, so the allocator's caching and fragmentation (which RSS
+    includes) do not enter."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        for _ in range(steps):
+            step()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    live = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
 def _memory(model: str, variant: str, steps: int) -> dict:
     net, step = _build(model, variant)
     before = _peak_rss_kib()
     for _ in range(steps):
         step()
+    peak_rss = (_peak_rss_kib() - before) / 1024
+    del net, step
+    net, step = _build(model, variant)  # afresh: its first step allocates the states
     return {
         "params": sum(p.numel() for p in net.parameters()),
-        "peak_mib": (_peak_rss_kib() - before) / 1024,
+        "peak_mib": peak_rss,
+        "tensor_mib": _peak_tensor_bytes(step, 2) / 2**20,
     }
 
 
@@ -302,9 +326,9 @@ def main() -> None:
         return
     print(
         "| model | variant | parameters | step median (ms) | vs diffusers | peak extra RSS (MiB) "
-        "| vs diffusers |"
+        "| vs diffusers | peak tensors (MiB) | vs diffusers |"
     )
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for model in args.models:
         median = _times(model, args.steps, args.compile)
         memory = {}
@@ -314,15 +338,17 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--worker", model, variant, "--steps", str(args.steps)]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT)
             memory[variant] = json.loads(out.stdout.strip().splitlines()[-1])
-        base_time, base_memory = median["diffusers"], memory.get("diffusers", {}).get("peak_mib")
+        base_time, base = median["diffusers"], memory.get("diffusers", {})
         for variant, seconds in median.items():
             row = memory.get(variant, {})
             params = f"{row['params']:,}" if row else ""
-            peak = f"{row['peak_mib']:.1f}" if row else ""
-            ratio = f"{row['peak_mib'] / base_memory:.2f}" if row and base_memory else ""
+            cells = []
+            for key in ("peak_mib", "tensor_mib"):
+                cells.append(f"{row[key]:.1f}" if row else "")
+                cells.append(f"{row[key] / base[key]:.2f}" if row and base.get(key) else "")
             print(
                 f"| {model} | {variant} | {params} | {seconds * 1000:.1f} | "
-                f"{seconds / base_time:.2f} | {peak} | {ratio} |",
+                f"{seconds / base_time:.2f} | " + " | ".join(cells) + " |",
                 flush=True,
             )
 
