@@ -35,15 +35,11 @@ def test_channels_last_training_and_a_scheduled_vae_stage(tmp_path):
     assert weight.is_contiguous(memory_format=torch.channels_last)  # the VAE default
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-3)  # warmed up
     ldm_run = tmp_path / "ldm"
-    cfg = compose_train(
-        ldm_run,
-        f"vae_checkpoint={vae_run / 'checkpoints' / 'last.ckpt'}",
-        "task.channels_last=true",
-    )
+    cfg = compose_train(ldm_run, f"vae_checkpoint={vae_run / 'checkpoints' / 'last.ckpt'}")
     module = train(cfg, ldm_run).lightning_module
     assert module.denoiser.input_blocks[0][0].weight.is_contiguous(
         memory_format=torch.channels_last
-    )
+    )  # the diffusion stage's default too
     assert torch.isfinite(module.denoiser.out[2].weight).all()
 
 
